@@ -1,0 +1,33 @@
+"""Exceptions with messages meant for the person at the keyboard.
+
+Every error the core raises on bad input or a bad model file derives from
+GenRefocusError, so front ends (ComfyUI nodes, the CLI) can show the message as is.
+"""
+
+
+class GenRefocusError(ValueError):
+    """Base class: bad input, a bad model file, or an impossible request."""
+
+
+class InputError(GenRefocusError):
+    """An image, depth map, mask, focus point or setting that cannot be used."""
+
+
+class ModelFileError(GenRefocusError):
+    """A model file that exists but does not hold what it should (wrong family, layout, shapes, corrupt)."""
+
+
+class MissingModelFileError(GenRefocusError, FileNotFoundError):
+    """A model file that is not where it should be; the message names the file and its folder."""
+
+    def __init__(self, filename, where, hint=""):
+        self.filename = str(filename)
+        self.where = str(where)
+        msg = f"Model file '{self.filename}' not found. Put it in {self.where}."
+        if hint:
+            msg += " " + hint
+        super().__init__(msg)
+
+
+class Interrupted(Exception):
+    """Raised by a progress callback to stop sampling between steps (not an input error)."""
