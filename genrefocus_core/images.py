@@ -54,7 +54,8 @@ def _to_float01(arr: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
 def to_image_batch(image, name: str = "image") -> torch.Tensor:
     """Any image-like input -> float32 [B, H, W, 3] in [0, 1] (on the input's device for tensors).
 
-    Handling, documented for users: grey images are repeated to RGB; an alpha channel is dropped
+    Handling, documented for users: [H,W] and [B,H,W] (last dimension not 1-4) are grey; grey images
+    are repeated to RGB; an alpha channel is dropped
     (ComfyUI carries alpha as a separate MASK); integer images are scaled by their range; float values
     are clamped to [0, 1]; NaN or infinite values are an error. A list of images of equal size
     becomes a batch.
