@@ -1,0 +1,37 @@
+"""ComfyUI nodes of GenRefocus: thin wrappers over genrefocus_core, one module per node family.
+
+`collect_nodes()` imports every node module on its own: a module whose dependencies are missing
+(for example diffusers for the generative nodes) is skipped with a logged reason, and the others
+still register. Only `comfy_bridge` talks to ComfyUI.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+log = logging.getLogger("GenRefocus")
+
+# module -> what it needs, for the log message when it cannot be imported
+NODE_MODULES = {
+    "scene_nodes": "torch, numpy (procedural test scene)",
+    "aperture_nodes": "torch (aperture shapes)",
+    "depth_nodes": "torch, numpy, pillow (depth maps; Depth Pro also needs transformers)",
+    "defocus_nodes": "torch (defocus maps)",
+    "classical_nodes": "torch (classical bokeh renderer)",
+    "generative_nodes": "diffusers, peft, transformers, safetensors (FLUX DeblurNet/BokehNet)",
+}
+
+
+def collect_nodes() -> tuple[dict, dict, dict]:
+    """-> (NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, {module: error} of disabled modules)."""
+    classes, names, failed = {}, {}, {}
+    for mod_name, needs in NODE_MODULES.items():
+        try:
+            mod = importlib.import_module(f"{__name__}.{mod_name}")
+        except Exception as e:  # an optional dependency missing or broken: disable only these nodes
+            failed[mod_name] = f"{type(e).__name__}: {e}"
+            log.warning("GenRefocus: nodes in '%s' disabled (needs %s): %s", mod_name, needs, failed[mod_name])
+            continue
+        classes.update(mod.NODE_CLASS_MAPPINGS)
+        names.update(mod.NODE_DISPLAY_NAME_MAPPINGS)
+    return classes, names, failed

@@ -1,0 +1,94 @@
+"""Types, data carriers and small helpers shared by the node modules (no ComfyUI imports)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from genrefocus_core.errors import InputError
+
+CATEGORY = "GenRefocus"
+
+# Custom socket types. Plain strings for ComfyUI; the objects travelling in them are defined below
+# or come from genrefocus_core.
+MODEL = "GENREFOCUS_MODEL"            # a loaded GenRefocusPipeline (DeblurNet + BokehNet on FLUX)
+DEPTH_MODEL = "GENREFOCUS_DEPTH_MODEL"  # a loaded Depth Pro model
+DEPTH = "GENREFOCUS_DEPTH"            # DepthMaps: per-pixel disparity of an image batch
+DEFOCUS = "GENREFOCUS_DEFOCUS"        # DefocusData: signed circle-of-confusion radius map in pixels
+APERTURE = "GENREFOCUS_APERTURE"      # genrefocus_core.apertures.Aperture
+SAMPLER = "GENREFOCUS_SAMPLER"        # genrefocus_core.sampling.SamplerSettings
+
+
+@dataclass
+class DepthMaps:
+    """What travels in GENREFOCUS_DEPTH.
+
+    disparity: [B,H,W] float32. In 1/m when `metric` (Depth Pro, the scene node, metric depth files);
+    otherwise relative (only its ordering and ratios mean something, and K is then per unit of it).
+    depth_m: [B,H,W] metric depth when known, else None.
+    focal_px: [B] focal length in pixels when the estimator gives one, else None.
+    """
+
+    disparity: torch.Tensor
+    metric: bool
+    source: str
+    depth_m: torch.Tensor | None = None
+    focal_px: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.disparity.ndim != 3:
+            raise InputError(f"Depth maps must be [B,H,W], got {tuple(self.disparity.shape)}.")
+
+    @property
+    def batch(self) -> int:
+        return int(self.disparity.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.disparity.shape[1]), int(self.disparity.shape[2])
+
+
+@dataclass
+class DefocusData:
+    """What travels in GENREFOCUS_DEFOCUS: the signed CoC radius K*(disparity - focus) in pixels
+    [B,H,W] (> 0 in front of the focal plane) plus what made it, so that renderers can use either
+    the signed map (classical occlusion handling) or its absolute value (BokehNet's condition)."""
+
+    signed_coc: torch.Tensor
+    disparity: torch.Tensor
+    focus_disparity: torch.Tensor
+    K: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def defocus_px(self) -> torch.Tensor:
+        return self.signed_coc.abs()
+
+    @property
+    def batch(self) -> int:
+        return int(self.signed_coc.shape[0])
+
+
+def tip(text: str, **opts) -> dict:
+    """Widget options with a tooltip (every input of every node has one)."""
+    return {"tooltip": text, **opts}
+
+
+def match_batch(x: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """Repeat a batch-1 tensor to `batch`; a different batch size is an error naming the input."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    raise InputError(f"{name}: batch of {x.shape[0]} does not match the image batch of {batch} "
+                     "(give one map for all images or one per image).")
+
+
+def broadcast_batches(*pairs: tuple[torch.Tensor, str]) -> list[torch.Tensor]:
+    """Bring several batches to a common size (1 broadcasts); mismatches raise InputError."""
+    sizes = {int(t.shape[0]) for t, _ in pairs} - {1}
+    if len(sizes) > 1:
+        desc = ", ".join(f"{n}={t.shape[0]}" for t, n in pairs)
+        raise InputError(f"Batch sizes do not match ({desc}); use equal batches or a batch of 1.")
+    b = sizes.pop() if sizes else 1
+    return [match_batch(t, b, n) for t, n in pairs]
