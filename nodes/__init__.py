@@ -15,7 +15,8 @@ log = logging.getLogger("GenRefocus")
 NODE_MODULES = {
     "scene_nodes": "torch, numpy (procedural test scene)",
     "aperture_nodes": "torch (aperture shapes)",
-    "depth_nodes": "torch, numpy, pillow (depth maps; Depth Pro also needs transformers)",
+    "depth_nodes": "torch, numpy, pillow (depth maps from images and files)",
+    "depth_pro_nodes": "transformers (Depth Pro)",
     "defocus_nodes": "torch (defocus maps)",
     "classical_nodes": "torch (classical bokeh renderer)",
     "generative_nodes": "diffusers, peft, transformers, safetensors (FLUX DeblurNet/BokehNet)",
