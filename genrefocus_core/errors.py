@@ -28,6 +28,10 @@ class MissingModelFileError(GenRefocusError, FileNotFoundError):
             msg += " " + hint
         super().__init__(msg)
 
+    def __str__(self):
+        # OSError's __str__ would print "[Errno None] None: '<filename>'" instead of the message.
+        return self.args[0]
+
 
 class Interrupted(Exception):
     """Raised by a progress callback to stop sampling between steps (not an input error)."""
