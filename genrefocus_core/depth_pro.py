@@ -138,7 +138,7 @@ def _torch_load(path: Path) -> dict:
                 "Use the released depth_pro.pt.") from None
         raise ModelFileError(f"{path} is not a PyTorch checkpoint ({msg.splitlines()[0] if msg else 'unpickling failed'}).") from None
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise ModelFileError(f"{path} is not a readable PyTorch checkpoint, or it is truncated/corrupt "
                              f"(re-download it): {first}") from None
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model") \
@@ -226,13 +226,29 @@ def _resolve(path) -> tuple[str, Path, Path | None]:
     return "file", p, config
 
 
-def load_depth_pro(path, device=None, dtype=None):
+def _config_from(config, fallback: Path):
+    """None -> the config file `fallback`; a path -> that config.json; a dict or DepthProConfig as is."""
+    if config is None:
+        return _read_config(fallback)
+    if isinstance(config, (str, Path)):
+        return _read_config(Path(config))
+    if isinstance(config, dict):
+        from transformers import DepthProConfig
+        return DepthProConfig.from_dict(config)
+    if getattr(config, "model_type", None) == "depth_pro":
+        return config
+    raise InputError(f"config: expected a path to config.json, a dict or a DepthProConfig, got {type(config).__name__}.")
+
+
+def load_depth_pro(path, device=None, dtype=None, config=None):
     """Load Depth Pro from a Hugging Face folder, Apple's `depth_pro.pt`, or a single weights file.
 
     path: a folder holding `config.json` + `model.safetensors` (or its shards), a folder holding
       `depth_pro.pt`, or a weights file (`.pt`/`.pth`/`.bin` read with weights_only=True, or
       `.safetensors`) in either key layout; Apple-layout files use the shipped full-size config.
     device / dtype: default CUDA (or MPS) with fp16 when available, else CPU with fp32.
+    config: the architecture for Apple-layout files and lone weight files (a config.json path, dict or
+      DepthProConfig); default the shipped full-size Depth Pro config (a HF folder uses its own).
     Returns transformers' DepthProForDepthEstimation in eval mode without gradients.
     Raises MissingModelFileError (names the file and `models/depth_pro/`) or ModelFileError (not a
     checkpoint, truncated, code in the pickle, unknown/missing tensors, wrong shapes).
@@ -246,7 +262,10 @@ def load_depth_pro(path, device=None, dtype=None):
         state = _torch_load(weights_path)
     source = str(weights_path)
     apple = _is_apple_layout(state)
-    config = _read_config(SHIPPED_CONFIG if (apple or config_path is None) else config_path)
+    if apple or config_path is None:
+        config = _config_from(config, SHIPPED_CONFIG)
+    else:
+        config = _read_config(config_path)
     model = _build_on_meta(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if apple:
@@ -271,7 +290,7 @@ def load_depth_pro(path, device=None, dtype=None):
     return model
 
 
-def convert_apple_checkpoint(apple_path, out_dir) -> Path:
+def convert_apple_checkpoint(apple_path, out_dir, config=None) -> Path:
     """Write Apple's `depth_pro.pt` once as a Hugging Face folder (config.json + model.safetensors)
     that loads without unpickling; the tensors keep the file's dtype. Returns the folder."""
     from safetensors.torch import save_file
@@ -281,7 +300,7 @@ def convert_apple_checkpoint(apple_path, out_dir) -> Path:
     state = _torch_load(src)
     if not _is_apple_layout(state):
         raise ModelFileError(f"{src} is not in Apple's depth_pro.pt layout.")
-    config = _read_config(SHIPPED_CONFIG)
+    config = _config_from(config, SHIPPED_CONFIG)
     expected = {k: tuple(v.shape) for k, v in _build_on_meta(config).state_dict().items()}
     converted = _align_hf_names(convert_apple_state_dict(state, None, source=str(src)), expected)
     check_state_dict(converted, expected, str(src), key_namer=_apple_name_for)
@@ -289,7 +308,7 @@ def convert_apple_checkpoint(apple_path, out_dir) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().clone() for k, v in converted.items()}, str(out / HF_WEIGHTS),
               metadata={"format": "pt", "converted_from": src.name})
-    (out / "config.json").write_text(SHIPPED_CONFIG.read_text(encoding="utf-8"), encoding="utf-8")
+    config.to_json_file(str(out / "config.json"))
     return out
 
 
@@ -312,9 +331,9 @@ def release_depth_pro(model, offload_to_cpu: bool = False) -> None:
 
 
 @contextmanager
-def depth_pro_loaded(path, device=None, dtype=None) -> Iterator:
+def depth_pro_loaded(path, device=None, dtype=None, config=None) -> Iterator:
     """`with depth_pro_loaded(path) as model:` loads Depth Pro and releases it on exit."""
-    model = load_depth_pro(path, device=device, dtype=dtype)
+    model = load_depth_pro(path, device=device, dtype=dtype, config=config)
     try:
         yield model
     finally:
@@ -391,9 +410,9 @@ def estimate_depth(model, image, focal_px=None, max_batch: int = 1) -> DepthResu
 
 
 def estimate_depth_from_file(path, image, device=None, dtype=None, focal_px: float | Sequence[float] | None = None,
-                             max_batch: int = 1) -> DepthResult:
+                             max_batch: int = 1, config=None) -> DepthResult:
     """Load Depth Pro, estimate the depth of `image`, release the model (one-shot use, e.g. the CLI)."""
-    with depth_pro_loaded(path, device=device, dtype=dtype) as model:
+    with depth_pro_loaded(path, device=device, dtype=dtype, config=config) as model:
         return estimate_depth(model, image, focal_px=focal_px, max_batch=max_batch)
 
 
