@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from genrefocus_core.defocus import blur_level_from_lens, check_blur_level, focus_disparity, signed_coc
+from genrefocus_core import defocus as core_defocus
+from genrefocus_core.defocus import blur_level_from_lens, check_blur_level, signed_coc
 from genrefocus_core.errors import InputError
 from genrefocus_core.images import resize_map, to_image_batch, to_map_batch
 
@@ -111,9 +112,9 @@ class GenRefocusDefocusMap:
                 raise InputError(f"focus_mask: batch of {m.shape[0]} does not match the depth batch of {B}.")
             if m.shape[-2:] != (H, W):
                 m = resize_map(m, (H, W), mode="nearest")
-            f = focus_disparity(disp, mask=m)
+            f = core_defocus.focus_disparity(disp, mask=m)
         elif focus_mode == "value":
-            f = focus_disparity(disp, value=focus_disparity)
+            f = core_defocus.focus_disparity(disp, value=focus_disparity)
         else:
             raise InputError(f"DefocusMap: unknown focus_mode {focus_mode!r}; use one of {FOCUS_MODES}.")
         if blur_mode == "lens":
@@ -140,7 +141,7 @@ def focus_disparity_at(disp: torch.Tensor, fx: float, fy: float) -> torch.Tensor
     for name, v in (("focus_x", fx), ("focus_y", fy)):
         if not 0.0 <= float(v) <= 1.0:
             raise InputError(f"DefocusMap: {name}={v} must lie in [0, 1] (a fraction of the image size).")
-    return focus_disparity(disp, point=(float(fx), float(fy)), normalized=True)
+    return core_defocus.focus_disparity(disp, point=(float(fx), float(fy)), normalized=True)
 
 
 NODE_CLASS_MAPPINGS = {"GenRefocusDefocusMap": GenRefocusDefocusMap}
