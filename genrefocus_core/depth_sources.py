@@ -170,6 +170,9 @@ def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "
     _check_choice(near, _NEARS, "near")
     _check_choice(scale, _SCALES, "scale")
     values = read_map(image_or_map, name)
+    for b in range(values.shape[0]):
+        if torch.isnan(values[b]).all():
+            raise InputError(f"{name} is NaN everywhere (image {b}): it holds no depth; check the depth node.")
 
     natural = "dark" if kind == "depth" else "bright"
     flipped = near not in ("auto", natural)
