@@ -56,8 +56,9 @@ def _array_from_pil(img) -> np.ndarray:
 def read_map(x, name: str = "depth map") -> torch.Tensor:
     """Any single-channel-like map -> float32 [B, H, W] with its stored values (no rescaling).
 
-    Accepts torch tensors and numpy arrays ([H,W], [H,W,C], [B,H,W], [B,H,W,C] with C in 1/3/4,
-    [B,1,H,W]), PIL images, and ComfyUI IMAGE/MASK tensors. Integer data keeps its codes (a 16-bit
+    Accepts torch tensors and numpy arrays ([H,W], [B,H,W], [B,H,W,C] with C in 1/3/4, [B,1,H,W]),
+    PIL images, and ComfyUI IMAGE/MASK tensors. A 3-D torch tensor is a batch [B,H,W] (ComfyUI MASK)
+    unless its last dimension is 1; a 3-D numpy array with 1, 3 or 4 in its last dimension is [H,W,C]. Integer data keeps its codes (a 16-bit
     PNG in millimetres stays in millimetres). An RGB(A) map must be grey (equal channels); alpha is
     ignored. NaN values are kept (see `disparity_from_external`).
     """
@@ -67,6 +68,7 @@ def read_map(x, name: str = "depth map") -> torch.Tensor:
             x = _array_from_pil(x)
     except ImportError:
         pass
+    channels_last_3d = True  # numpy/PIL: a 3-D array is [H,W,C]
     if isinstance(x, np.ndarray):
         if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.number):
             raise InputError(f"{name}: expected numbers, got an array of {x.dtype}.")
@@ -75,13 +77,17 @@ def read_map(x, name: str = "depth map") -> torch.Tensor:
         if x.dtype == torch.bool or x.is_complex():
             raise InputError(f"{name}: expected a real-valued tensor, got {x.dtype}.")
         t = x.detach().float()
+        channels_last_3d = False  # torch: a 3-D tensor is a ComfyUI MASK batch [B,H,W] (as to_map_batch)
     else:
         raise InputError(f"{name}: expected a tensor, numpy array or PIL image, got {type(x).__name__}.")
 
     if t.ndim == 2:
         t = t[None, :, :, None]
     elif t.ndim == 3:
-        t = t[None] if t.shape[-1] in (1, 3, 4) else t[..., None]  # [H,W,C] or [B,H,W]
+        if t.shape[-1] == 1 or (channels_last_3d and t.shape[-1] in (3, 4)):
+            t = t[None]  # [H,W,C]
+        else:
+            t = t[..., None]  # [B,H,W]
     elif t.ndim == 4:
         if t.shape[1] == 1 and t.shape[-1] not in (1, 3, 4):
             t = t.permute(0, 2, 3, 1)  # [B,1,H,W]

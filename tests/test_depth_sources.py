@@ -71,11 +71,13 @@ def test_8_bit_16_bit_and_comfy_images_agree():
     assert torch.allclose(from_8, disparity_from_external(Image.fromarray(codes8), kind="disparity"), atol=1e-6)
     assert torch.allclose(from_8[0, 0], torch.tensor([0.05, 0.24, 0.43]), atol=1e-6)
     # a colour-mapped visualisation cannot be read back
-    colour = torch.stack([torch.rand(4, 4), torch.rand(4, 4), torch.rand(4, 4)], -1)
+    colour = torch.rand(1, 4, 4, 3)  # ComfyUI IMAGE of a colour map
     with pytest.raises(InputError, match="colour"):
         disparity_from_external(colour)
+    with pytest.raises(InputError, match="colour"):
+        disparity_from_external((colour[0].numpy() * 255).astype(np.uint8))  # numpy [H,W,3]
     # JPEG-like noise on a grey image is tolerated
-    grey = torch.rand(8, 8)[..., None].expand(8, 8, 3) + torch.randn(8, 8, 3) * 0.002
+    grey = torch.rand(1, 8, 8, 1).expand(1, 8, 8, 3) + torch.randn(1, 8, 8, 3) * 0.002
     assert disparity_from_external(grey).shape == (1, 8, 8)
 
 
