@@ -1,0 +1,97 @@
+"""Images <-> FLUX latent tokens, and the position ids of the unified token sequence.
+
+FLUX works on 2x2-packed latents: a VAE latent [B, 16, h, w] (h = H/8, w = W/8) becomes
+[B, (h/2)*(w/2), 64] tokens in row-major order. Each token has a position id
+(0, row, col) on the packed grid; a condition image shares the grid, shifted by its
+position delta (OminiControl's way of telling conditions apart, e.g. (0, 32) for the
+pre-deblurred image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+VAE_SCALE = 8          # pixels per latent cell
+PIXELS_PER_TOKEN = 16  # pixels per packed token side (8x VAE, 2x2 packing)
+
+
+@dataclass
+class ConditionTokens:
+    """One condition branch: packed tokens [B, L, 64], position ids [L, 3], the LoRA adapter
+    names applied to this branch (scale 1 each), and whether tiles slice it spatially."""
+
+    tokens: torch.Tensor
+    ids: torch.Tensor
+    adapters: tuple[str, ...]
+    spatial: bool = True
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, (h/2)*(w/2), C*4] (row-major 2x2 patches)."""
+    B, C, h, w = latents.shape
+    x = latents.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[B, rows*cols, C*4] -> [B, C, 2*rows, 2*cols] (inverse of `pack_latents`)."""
+    B, L, D = tokens.shape
+    C = D // 4
+    x = tokens.view(B, rows, cols, C, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(B, C, rows * 2, cols * 2)
+
+
+def position_ids(rows: int, cols: int, delta=(0, 0), device=None, dtype=torch.float32) -> torch.Tensor:
+    """Position ids [rows*cols, 3] = (0, row + delta_row, col + delta_col), row-major."""
+    ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None] + delta[0]
+    ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :] + delta[1]
+    return ids.reshape(rows * cols, 3)
+
+
+def token_grid(height: int, width: int) -> tuple[int, int]:
+    """Packed token grid (rows, cols) of an image of height x width px (multiples of 16)."""
+    return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+
+
+def vae_encode(vae, images_bchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAE-encode [B, 3, H, W] (already in the VAE's input range) and draw one posterior sample
+    -> normalised latents `(z - shift) * scale` [B, 16, H/8, W/8].
+
+    generator None draws from the global torch RNG (the reference's protocol).
+    """
+    param = next(vae.parameters())
+    dist = vae.encode(images_bchw.to(device=param.device, dtype=param.dtype)).latent_dist
+    if generator is None:
+        z = dist.sample()
+    else:
+        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype,
+                            device=generator.device).to(dist.mean.device)
+        z = dist.mean + dist.std * noise
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Normalised latents [B, 16, h, w] -> image [B, 3, 8h, 8w] in [0, 1]."""
+    param = next(vae.parameters())
+    z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    image = vae.decode(z, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def encode_condition(vae, images_bchw: torch.Tensor, adapters, delta=(0, 0), *, rgb: bool = True,
+                     generator: torch.Generator | None = None, spatial: bool = True) -> ConditionTokens:
+    """A condition image [B, 3, H, W] -> ConditionTokens on the image grid shifted by `delta`.
+
+    rgb=True maps [0, 1] to the VAE's [-1, 1] (as the reference's image preprocessing does);
+    rgb=False feeds the values raw (the defocus-map condition).
+    """
+    x = images_bchw * 2.0 - 1.0 if rgb else images_bchw
+    latents = vae_encode(vae, x, generator)
+    tokens = pack_latents(latents)
+    rows, cols = latents.shape[-2] // 2, latents.shape[-1] // 2
+    ids = position_ids(rows, cols, delta, device=tokens.device)
+    if isinstance(adapters, str):
+        adapters = (adapters,)
+    return ConditionTokens(tokens=tokens, ids=ids, adapters=tuple(adapters), spatial=spatial)

@@ -1,0 +1,346 @@
+"""The OminiControl-style multi-branch forward of FLUX used by GenRefocus, over diffusers'
+FluxTransformer2DModel modules (no fork of the model).
+
+Branches, in this order: text, image (the noisy latents), condition 1..n. Rules (spec
+"Condition tokens"):
+- text and image run the base weights; every condition branch runs base + LoRA at scale exactly 1
+  (LoRA deltas are only ever computed for condition tokens);
+- text and image use the embedding of (t, guidance, pooled); conditions use (0, 1, pooled);
+- double blocks: per-branch AdaLN modulation; single blocks: per-branch norm, gate and MLP;
+- attention: text and image queries see every branch; condition i sees text, image and itself.
+
+How it is computed (identical results, less work than branch-by-branch):
+- text and image share one modulation, so they form one "main" sequence where possible; all
+  conditions share one embedding (per LoRA adapter set), and are kept as [N, n, Lc, dim];
+- every linear layer is called once per block on the concatenation of the branches that use it;
+  the LoRA delta is added to the condition slice only;
+- main queries attend over all keys in one SDPA call; condition queries are batched over the
+  conditions against [text, image, own] keys (one SDPA call); with one condition both are one call;
+- constants of a sampling run (text embedding, condition embeddings, their timestep embedding,
+  rotary embeddings) are computed once by `BranchConstants` / `rotary_embedding`.
+Modules are always called (never their weights read), so offload and fp8 hooks apply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+
+from .lora import is_lora_layer
+
+# A LoRA segment: tokens [start, stop) along the sequence dimension get these adapters.
+Segment = tuple[int, int, tuple[str, ...]]
+
+
+def lora_linear(module: torch.nn.Module, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    """Base projection of all of `x` [..., S, in] plus, for each segment, the LoRA delta
+    `lora_B(lora_A(x))` of each listed adapter at scale 1. Segments are along dim -2."""
+    if not is_lora_layer(module):
+        return module(x)
+    y = module.get_base_layer()(x)
+    for start, stop, adapters in segments:
+        xs = x[..., start:stop, :]
+        for name in adapters:
+            if name in module.lora_A:
+                delta = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](xs)))
+                y[..., start:stop, :] += delta.to(y.dtype)
+    return y
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+def _adapter_groups(cond_adapters: list[tuple[str, ...]]):
+    """Distinct adapter sets in first-seen order and, per condition, the index of its set."""
+    groups: list[tuple[str, ...]] = []
+    index = []
+    for adapters in cond_adapters:
+        if adapters not in groups:
+            groups.append(adapters)
+        index.append(groups.index(adapters))
+    return groups, index
+
+
+def _cond_segments(offset: int, cond_len: int, cond_adapters: list[tuple[str, ...]]) -> list[Segment]:
+    """Segments for conditions laid out one after another from `offset`, merging neighbours
+    that use the same adapters."""
+    segments: list[Segment] = []
+    for i, adapters in enumerate(cond_adapters):
+        start, stop = offset + i * cond_len, offset + (i + 1) * cond_len
+        if segments and segments[-1][2] == adapters and segments[-1][1] == start:
+            segments[-1] = (segments[-1][0], stop, adapters)
+        elif adapters:
+            segments.append((start, stop, adapters))
+    return segments
+
+
+@dataclass
+class BranchConstants:
+    """The branch inputs that do not change between denoising steps, for a batch of N sequences.
+
+    text_hidden [N, T, dim] (context_embedder output); pooled [N, P];
+    cond_hidden [N, n, Lc, dim] (x_embedder + LoRA of the condition tokens) or None;
+    cond_temb [N, dim] (embedding of timestep 0, guidance 1, pooled); cond_adapters: n tuples.
+    """
+
+    text_hidden: torch.Tensor
+    pooled: torch.Tensor
+    cond_hidden: torch.Tensor | None
+    cond_temb: torch.Tensor | None
+    cond_adapters: list[tuple[str, ...]]
+
+    @property
+    def n_conditions(self) -> int:
+        return 0 if self.cond_hidden is None else self.cond_hidden.shape[1]
+
+
+@dataclass
+class RunConstants:
+    """What stays fixed during a sampling run of B images: the embedded text, the embedded
+    conditions (each [B, Lc_i, dim], lengths may differ) and the conditions' time embedding.
+    `whole()` gives the forward's inputs for whole images, `tiles()` for a batch of tiles."""
+
+    text_hidden: torch.Tensor
+    pooled: torch.Tensor
+    cond_embedded: list[torch.Tensor]
+    cond_temb: torch.Tensor | None
+    cond_adapters: list[tuple[str, ...]]
+
+    def whole(self) -> BranchConstants:
+        cond = None
+        if self.cond_embedded:
+            lengths = {c.shape[1] for c in self.cond_embedded}
+            if len(lengths) != 1:
+                raise ValueError(f"Untiled conditions must all have the image's token count, got {sorted(lengths)}.")
+            cond = torch.stack(self.cond_embedded, dim=1)
+        return BranchConstants(self.text_hidden, self.pooled, cond, self.cond_temb, self.cond_adapters)
+
+    def tiles(self, tile_indices: list[torch.Tensor], spatial: list[bool]) -> BranchConstants:
+        """Inputs for len(tile_indices) tiles of every image, batched tile-major ([tiles * B, ...]).
+
+        A spatial condition is cut to the tile's token indices [Lt]; a non-spatial one (an
+        exemplar such as the aperture shape) is given whole to every tile and must have Lt tokens."""
+        k = len(tile_indices)
+        cond = None
+        if self.cond_embedded:
+            per_tile = []
+            for idx in tile_indices:
+                parts = [c[:, idx] if sp else c for c, sp in zip(self.cond_embedded, spatial)]
+                lengths = {p.shape[1] for p in parts}
+                if len(lengths) != 1:
+                    raise ValueError(f"A non-spatial condition must have one tile's token count ({idx.numel()}), "
+                                     f"got {sorted(lengths)}.")
+                per_tile.append(torch.stack(parts, dim=1))
+            cond = torch.cat(per_tile, dim=0)
+        return BranchConstants(
+            self.text_hidden.repeat(k, 1, 1),
+            self.pooled.repeat(k, 1),
+            cond,
+            None if self.cond_temb is None else self.cond_temb.repeat(k, 1),
+            self.cond_adapters,
+        )
+
+
+def _time_embedding(transformer, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Embedding of (t, guidance, pooled); timestep and guidance in the reference's units (t/1000 and
+    the guidance scale), multiplied by 1000 as diffusers' FLUX forward does."""
+    timestep = timestep.to(dtype) * 1000
+    if guidance is None or not transformer.config.guidance_embeds:
+        return transformer.time_text_embed(timestep, pooled)
+    return transformer.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
+
+
+def prepare_constants(transformer, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                      cond_tokens: list[torch.Tensor], cond_adapters: list[tuple[str, ...]],
+                      dtype: torch.dtype) -> RunConstants:
+    """Embed the text [B, T, Dt] and each condition's tokens [B, Lc_i, 64] once per run."""
+    B = pooled.shape[0]
+    device = pooled.device
+    text_hidden = transformer.context_embedder(prompt_embeds.to(dtype))
+    pooled = pooled.to(dtype)
+    if not cond_tokens:
+        return RunConstants(text_hidden, pooled, [], None, [])
+    embedded = []
+    for tokens, adapters in zip(cond_tokens, cond_adapters):
+        embedded.append(lora_linear(transformer.x_embedder, tokens.to(dtype), [(0, tokens.shape[1], tuple(adapters))]))
+    zeros = torch.zeros(B, device=device)
+    ones = torch.ones(B, device=device)
+    cond_temb = _time_embedding(transformer, zeros, ones, pooled, dtype)
+    return RunConstants(text_hidden, pooled, embedded, cond_temb, [tuple(a) for a in cond_adapters])
+
+
+def rotary_embedding(transformer, text_ids: torch.Tensor, image_ids: torch.Tensor,
+                     cond_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [T + L + n*Lc, head_dim] for the sequence [text, image, cond_1..n]."""
+    ids = torch.cat([text_ids, image_ids, *cond_ids], dim=0)
+    return transformer.pos_embed(ids)
+
+
+def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, main_len: int, n: int) -> torch.Tensor:
+    """q, k, v [N, H, S, D] with S = main_len + n*Lc -> [N, H, S, D].
+
+    Main tokens (text + image) attend to everything; condition i attends to main + itself."""
+    if n <= 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    N, H, S, D = q.shape
+    Lc = (S - main_len) // n
+    out_main = F.scaled_dot_product_attention(q[:, :, :main_len], k, v)
+
+    def per_cond(x):  # [N, H, n*Lc, D] -> [N, n, H, Lc, D]
+        return x[:, :, main_len:].unflatten(2, (n, Lc)).transpose(1, 2)
+
+    def with_main(x):  # keys/values of condition i: [main, own] -> [N*n, H, main_len + Lc, D]
+        main = x[:, :, :main_len].unsqueeze(1).expand(N, n, H, main_len, D)
+        return torch.cat([main, per_cond(x)], dim=3).flatten(0, 1)
+
+    qc = per_cond(q).flatten(0, 1)
+    out_c = F.scaled_dot_product_attention(qc, with_main(k), with_main(v))  # [N*n, H, Lc, D]
+    out_c = out_c.unflatten(0, (N, n)).transpose(1, 2).flatten(2, 3)  # [N, H, n*Lc, D]
+    return torch.cat([out_main, out_c], dim=2)
+
+
+def _attention(attn, x: torch.Tensor, segments: list[Segment], rope, main_len: int, n: int,
+               text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Multi-branch attention. x [N, S, dim] holds [image, conds] (double blocks, with the text
+    `text` [N, T, dim] through the added projections) or [text, image, conds] (single blocks).
+    Returns attention outputs before the output projections: (x-part [N, S, inner], text-part or None)."""
+    head_dim = attn.head_dim
+    q = lora_linear(attn.to_q, x, segments).unflatten(-1, (-1, head_dim))
+    k = lora_linear(attn.to_k, x, segments).unflatten(-1, (-1, head_dim))
+    v = lora_linear(attn.to_v, x, segments).unflatten(-1, (-1, head_dim))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    T = 0
+    if text is not None:
+        T = text.shape[1]
+        tq = attn.norm_added_q(attn.add_q_proj(text).unflatten(-1, (-1, head_dim)))
+        tk = attn.norm_added_k(attn.add_k_proj(text).unflatten(-1, (-1, head_dim)))
+        tv = attn.add_v_proj(text).unflatten(-1, (-1, head_dim))
+        q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
+    q = apply_rotary_emb(q, rope, sequence_dim=1)
+    k = apply_rotary_emb(k, rope, sequence_dim=1)
+    out = _branch_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), main_len, n)
+    out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)  # [N, T + S, inner]
+    if text is None:
+        return out, None
+    return out[:, T:], out[:, :T]
+
+
+def _modulations(norm, main_temb: torch.Tensor, cond_temb: torch.Tensor | None, groups, group_index, chunks: int):
+    """AdaLN parameters: main [chunks x [N, dim]] from the base weights, and per condition
+    [chunks x [N, n, dim]] from the condition embedding with the condition's LoRA adapters."""
+    rows = [main_temb[:, None]]
+    if cond_temb is not None:
+        rows += [cond_temb[:, None]] * len(groups)
+    emb = norm.silu(torch.cat(rows, dim=1))  # [N, 1 + G, dim]
+    segments = [(1 + g, 2 + g, adapters) for g, adapters in enumerate(groups) if adapters] if cond_temb is not None else []
+    emb = lora_linear(norm.linear, emb, segments)  # [N, 1 + G, chunks*dim]
+    main = emb[:, 0].chunk(chunks, dim=-1)
+    if cond_temb is None:
+        return main, None
+    per_cond = emb[:, [1 + g for g in group_index]].chunk(chunks, dim=-1)  # [N, n, dim] each
+    return main, per_cond
+
+
+def _modulate_main(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _modulate_cond(x, shift, scale):  # x [N, n, Lc, dim], shift/scale [N, n, dim]
+    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+
+
+def _feed_forward(ff, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    for module in ff.net:
+        x = lora_linear(module, x, segments) if is_lora_layer(module) else module(x)
+    return x
+
+
+def _double_block(block, img, txt, cond, temb, cst: BranchConstants, groups, group_index, rope):
+    N, L, dim = img.shape
+    n = 0 if cond is None else cond.shape[1]
+    Lc = 0 if cond is None else cond.shape[2]
+    segments = _cond_segments(L, Lc, cst.cond_adapters)
+
+    txt_norm, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = block.norm1_context(txt, emb=temb)
+    main_mod, cond_mod = _modulations(block.norm1, temb, cst.cond_temb, groups, group_index, 6)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = main_mod
+    x = _modulate_main(block.norm1.norm(img), shift_msa, scale_msa)
+    if n:
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cond_mod
+        xc = _modulate_cond(block.norm1.norm(cond), c_shift_msa, c_scale_msa)
+        x = torch.cat([x, xc.flatten(1, 2)], dim=1)
+
+    attn_out, txt_attn = _attention(block.attn, x, segments, rope, txt.shape[1] + L, n, text=txt_norm)
+    attn_out = lora_linear(block.attn.to_out[0], attn_out.contiguous(), segments)
+    attn_out = block.attn.to_out[1](attn_out)
+    txt_attn = block.attn.to_add_out(txt_attn.contiguous())
+
+    # text branch (base weights only)
+    txt = txt + txt_attn * t_gate_msa.unsqueeze(1)
+    txt_ff = block.ff_context(_modulate_main(block.norm2_context(txt), t_shift_mlp, t_scale_mlp))
+    txt = _clip_fp16(txt_ff * t_gate_mlp.unsqueeze(1) + txt)
+
+    # image and condition branches
+    img = img + attn_out[:, :L] * gate_msa.unsqueeze(1)
+    h = _modulate_main(block.norm2(img), shift_mlp, scale_mlp)
+    if n:
+        cond = cond + attn_out[:, L:].unflatten(1, (n, Lc)) * c_gate_msa[:, :, None]
+        hc = _modulate_cond(block.norm2(cond), c_shift_mlp, c_scale_mlp)
+        h = torch.cat([h, hc.flatten(1, 2)], dim=1)
+    ff_out = _feed_forward(block.ff, h, segments)
+    img = _clip_fp16(img + ff_out[:, :L] * gate_mlp.unsqueeze(1))
+    if n:
+        cond = _clip_fp16(cond + ff_out[:, L:].unflatten(1, (n, Lc)) * c_gate_mlp[:, :, None])
+    return img, txt, cond
+
+
+def _single_block(block, main, cond, temb, cst: BranchConstants, groups, group_index, rope):
+    """main [N, T+L, dim] (text and image share base weights and embedding), cond [N, n, Lc, dim]."""
+    N, M, dim = main.shape
+    n = 0 if cond is None else cond.shape[1]
+    Lc = 0 if cond is None else cond.shape[2]
+    segments = _cond_segments(M, Lc, cst.cond_adapters)
+
+    main_mod, cond_mod = _modulations(block.norm, temb, cst.cond_temb, groups, group_index, 3)
+    shift, scale, gate = main_mod
+    x = _modulate_main(block.norm.norm(main), shift, scale)
+    if n:
+        c_shift, c_scale, c_gate = cond_mod
+        xc = _modulate_cond(block.norm.norm(cond), c_shift, c_scale)
+        x = torch.cat([x, xc.flatten(1, 2)], dim=1)
+    mlp = block.act_mlp(lora_linear(block.proj_mlp, x, segments))
+    attn_out, _ = _attention(block.attn, x, segments, rope, M, n)
+    out = lora_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), segments)
+    main = _clip_fp16(gate.unsqueeze(1) * out[:, :M] + main)
+    if n:
+        cond = _clip_fp16(c_gate[:, :, None] * out[:, M:].unflatten(1, (n, Lc)) + cond)
+    return main, cond
+
+
+def multi_branch_forward(transformer, latents: torch.Tensor, timestep: torch.Tensor,
+                         guidance: torch.Tensor | None, constants: BranchConstants,
+                         rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Noise prediction [N, L, 64] for packed latents [N, L, 64].
+
+    timestep [N] is sigma (t / 1000), guidance [N] the guidance scale (None for models without a
+    guidance embedding); `constants` from `RunConstants.whole()` or `.tiles()` (batch N);
+    `rope` from `rotary_embedding` for [text, image, conditions].
+    """
+    dtype = constants.text_hidden.dtype
+    groups, group_index = _adapter_groups(constants.cond_adapters)
+    img = lora_linear(transformer.x_embedder, latents.to(dtype), [])
+    temb = _time_embedding(transformer, timestep, guidance, constants.pooled, dtype)
+    txt = constants.text_hidden
+    cond = constants.cond_hidden
+    T = txt.shape[1]
+    for block in transformer.transformer_blocks:
+        img, txt, cond = _double_block(block, img, txt, cond, temb, constants, groups, group_index, rope)
+    main = torch.cat([txt, img], dim=1)
+    for block in transformer.single_transformer_blocks:
+        main, cond = _single_block(block, main, cond, temb, constants, groups, group_index, rope)
+    img = transformer.norm_out(main[:, T:], temb)
+    return transformer.proj_out(img)
