@@ -106,8 +106,12 @@ def list_models(folder: str) -> list[str]:
     if base is None or not (base / folder).is_dir():
         return []
     root = base / folder
-    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
-                  if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
+    out = []
+    for dirpath, _, files in os.walk(root, followlinks=True):  # as ComfyUI: symlinked folders count
+        for f in files:
+            if os.path.splitext(f)[1].lower() in MODEL_EXTENSIONS:
+                out.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(out)
 
 
 def model_path(folder: str, filename: str) -> str:

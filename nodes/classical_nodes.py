@@ -1,0 +1,67 @@
+"""ClassicalBokeh: the physically based depth-of-field renderer (no weights, CPU or GPU)."""
+from __future__ import annotations
+
+import torch
+
+from genrefocus_core.classical_bokeh import LEVEL_STEP, render_bokeh
+from genrefocus_core.errors import InputError
+from genrefocus_core.images import to_image_batch
+
+from . import comfy_bridge
+from .common import APERTURE, CATEGORY, DEFOCUS, DefocusData, broadcast_batches, tip
+
+
+class GenRefocusClassicalBokeh:
+    DESCRIPTION = ("Refocus an image with the classical renderer: occlusion-aware, in linear light, any aperture "
+                   "shape, exact where the blur radius is 0. Needs no model weights; runs on the CPU in seconds.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", tip("The sharp (all-in-focus) image to refocus.")),
+                "defocus": (DEFOCUS, tip("Blur radius map from Defocus Map (its sign tells front from back).")),
+                "highlight_boost": ("FLOAT", tip("Brighten clipped highlights before blurring so they bloom like "
+                                                 "the point lights they were (0 = off).",
+                                                 default=0.0, min=0.0, max=20.0, step=0.1)),
+                "highlight_threshold": ("FLOAT", tip("Linear brightness above which a pixel counts as a clipped "
+                                                     "highlight for highlight_boost.",
+                                                     default=0.9, min=0.0, max=0.999, step=0.01)),
+                "colorspace": (["srgb", "linear"], tip("'srgb' for ordinary images (blurred in linear light); "
+                                                       "'linear' if the image data is already linear.",
+                                                       default="srgb")),
+            },
+            "optional": {
+                "aperture": (APERTURE, tip("Aperture shape from Aperture Shape (default: a circle).")),
+                "max_radius": ("FLOAT", tip("Cap on the blur radius in pixels (0 = half the image's long edge).",
+                                            default=0.0, min=0.0, max=4096.0, step=1.0)),
+                "level_step": ("FLOAT", tip("Depth-level spacing relative to the radius: smaller = crisper bokeh "
+                                            "edges but slower.", default=LEVEL_STEP, min=0.02, max=0.5, step=0.005)),
+                "flip_front": ("BOOLEAN", tip("Turn the aperture shape by 180 degrees in front of the focal plane, "
+                                              "as a real lens does.", default=True)),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The refocused image.",)
+    FUNCTION = "render"
+    CATEGORY = CATEGORY
+
+    def render(self, image, defocus, highlight_boost, highlight_threshold, colorspace, aperture=None,
+               max_radius=0.0, level_step=LEVEL_STEP, flip_front=True):
+        if not isinstance(defocus, DefocusData):
+            raise InputError("Classical Bokeh: 'defocus' must come from the Defocus Map node.")
+        img = to_image_batch(image, "image")
+        img, coc = broadcast_batches((img, "image"), (defocus.signed_coc, "defocus"))
+        device = comfy_bridge.torch_device()
+        comfy_bridge.throw_if_interrupted()
+        out = render_bokeh(img.to(device), defocus_px=coc.to(device), aperture=aperture, colorspace=colorspace,
+                           highlight_boost=highlight_boost, highlight_threshold=highlight_threshold,
+                           max_radius=max_radius if max_radius > 0 else None, level_step=level_step,
+                           flip_front=flip_front)
+        return (out.float().cpu().clamp(0, 1),)
+
+
+NODE_CLASS_MAPPINGS = {"GenRefocusClassicalBokeh": GenRefocusClassicalBokeh}
+NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusClassicalBokeh": "Classical Bokeh (GenRefocus)"}
