@@ -1,0 +1,362 @@
+"""Aperture shapes for bokeh: circle, bladed polygons, triangle, star, heart, cat-eye, user masks.
+
+Every shape is star-shaped around its centre and described by its radial function rho(theta): the
+distance from the centre to the outline along direction theta, scaled so that the largest distance
+(the circumradius) is 1. Angles are in image coordinates (x to the right, y down), so a positive
+rotation turns the shape clockwise on screen. "Radius r" always means circumradius r pixels.
+
+From rho follows the gauge g(x) = |x| / rho(angle of x): the circumradius at which the outline passes
+through x. The gauge gives two rasterisations:
+- `kernel(r)`: supersampled coverage of {g <= r}, normalised to sum 1 (what users see and export);
+- `ramp_kernel(r, width)`: clamp(0.5 - (g - r) / width, 0, 1), normalised. Its half-maximum contour
+  is exactly the outline at r, and mixing two such kernels at radii r1 < r2 (width >= r2 - r1) moves
+  that contour continuously, which is how the renderer gets sub-pixel CoC accuracy from a few layers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+RadialFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Ramp kernels put half maximum this far (px) outside the outline: ties on the outline count as inside.
+OUTLINE_EPS = 2e-3
+# Radial functions given as tables are sampled at this many angles (linear interpolation between).
+_TABLE_SIZE = 4096
+
+
+class Aperture:
+    """A star-shaped aperture outline with circumradius 1 around its centre.
+
+    name: short label; params: the parameters it was built from (for display and serialisation);
+    radial: rho(theta) -> (0, 1] for angles in radians (image coordinates, y down).
+    """
+
+    def __init__(self, name: str, radial: RadialFn, params: dict | None = None, mask: np.ndarray | None = None):
+        self.name = name
+        self.params = dict(params or {})
+        self._radial = radial
+        self._mask = mask  # the user's original mask, if any (kept for the condition image)
+
+    def __repr__(self) -> str:
+        return f"Aperture({self.name!r}, {self.params})"
+
+    # -- geometry -------------------------------------------------------------------------------
+    def radial(self, theta: torch.Tensor) -> torch.Tensor:
+        """rho(theta): outline distance at circumradius 1, same shape as theta."""
+        return self._radial(theta)
+
+    def gauge(self, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """Circumradius (px) at which the outline passes through offset (dx, dy) from the centre."""
+        dist = torch.sqrt(dx * dx + dy * dy)
+        rho = self._radial(torch.atan2(dy, dx)).clamp_min(1e-6)
+        return dist / rho
+
+    def inside(self, dx, dy, radius: float) -> torch.Tensor:
+        """Boolean: offsets (dx, dy) inside the shape scaled to circumradius `radius`."""
+        dx = torch.as_tensor(dx, dtype=torch.float64)
+        dy = torch.as_tensor(dy, dtype=torch.float64)
+        return self.gauge(dx, dy) <= radius
+
+    def area_unit(self, samples: int = 8192) -> float:
+        """Area of the shape at circumradius 1 (pi for a circle)."""
+        theta = torch.linspace(-math.pi, math.pi, samples + 1, dtype=torch.float64)[:-1]
+        rho = self._radial(theta)
+        return float(0.5 * (rho * rho).mean() * 2 * math.pi)
+
+    # -- rasterisation --------------------------------------------------------------------------
+    @staticmethod
+    def _grid(half: int, supersample: int = 1, device=None, dtype=torch.float32):
+        n = 2 * half + 1
+        step = 1.0 / supersample
+        offs = (torch.arange(n * supersample, device=device, dtype=dtype) + 0.5) * step - 0.5 - half
+        yy, xx = torch.meshgrid(offs, offs, indexing="ij")
+        return xx, yy
+
+    def kernel(self, radius: float, supersample: int = 8, device=None, dtype=torch.float32) -> torch.Tensor:
+        """Anti-aliased kernel [n, n] (n = 2*ceil(radius)+1) of the shape at circumradius `radius`,
+        pixel coverage from supersample^2 samples per pixel, normalised to sum 1. A radius below 0.5
+        gives the 1x1 identity kernel."""
+        radius = float(radius)
+        if not math.isfinite(radius) or radius < 0:
+            raise InputError(f"Aperture radius must be a finite number >= 0, got {radius}.")
+        if radius < 0.5:
+            return torch.ones(1, 1, device=device, dtype=dtype)
+        half = int(math.ceil(radius))
+        xx, yy = self._grid(half, supersample, device, torch.float64)
+        cov = (self.gauge(xx, yy) <= radius).to(torch.float64)
+        n = 2 * half + 1
+        cov = cov.reshape(n, supersample, n, supersample).mean(dim=(1, 3))
+        if cov.sum() <= 0:  # a degenerate sliver at tiny radius: fall back to the centre pixel
+            cov[half, half] = 1.0
+        return (cov / cov.sum()).to(dtype)
+
+    def ramp_kernel(self, radius: float, width: float, device=None, dtype=torch.float32,
+                    normalize: bool = True) -> torch.Tensor:
+        """Kernel [n, n] with a linear edge ramp `width` px wide (in circumradius units) centred on the
+        outline at `radius`; sampled at pixel centres, normalised to sum 1 (else centre value 1).
+        The ramp is centred OUTLINE_EPS px outside the outline so that pixel centres lying exactly on
+        it count as inside (>= half maximum), like `inside`."""
+        radius, width = float(radius), float(width)
+        half = int(math.ceil(radius + 0.5 * width + OUTLINE_EPS))
+        xx, yy = self._grid(half, 1, device, torch.float64)
+        k = (0.5 - (self.gauge(xx, yy) - radius - OUTLINE_EPS) / width).clamp(0.0, 1.0)
+        if k.sum() <= 0:
+            k[half, half] = 1.0
+        return (k / k.sum() if normalize else k).to(dtype)
+
+    def condition_image(self, height: int, width: int, fill: float = 0.8) -> torch.Tensor:
+        """White shape on black, [1, H, W, 3] float32: the aperture exemplar the generative BokehNet's
+        shape tokens are made from. The shape is centred with circumradius fill * min(H, W) / 2."""
+        if int(height) < 1 or int(width) < 1:
+            raise InputError(f"Condition image size must be positive, got {height}x{width}.")
+        height, width = int(height), int(width)
+        radius = max(0.5, fill * min(height, width) / 2.0)
+        ss = 4
+        ys = (torch.arange(height * ss, dtype=torch.float64) + 0.5) / ss - height / 2.0
+        xs = (torch.arange(width * ss, dtype=torch.float64) + 0.5) / ss - width / 2.0
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        cov = (self.gauge(xx, yy) <= radius).to(torch.float32)
+        cov = cov.reshape(height, ss, width, ss).mean(dim=(1, 3))
+        return cov[None, :, :, None].expand(1, height, width, 3).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------
+# radial-function helpers
+
+
+def _rotated(fn: RadialFn, rotation_deg: float) -> RadialFn:
+    rot = math.radians(rotation_deg)
+    if rot == 0.0:
+        return fn
+    return lambda theta: fn(theta - rot)
+
+
+def _table_radial(table: torch.Tensor) -> RadialFn:
+    """rho from N samples at angles -pi + 2*pi*i/N, linearly interpolated (periodic)."""
+    table = table.to(torch.float64)
+    n = table.numel()
+
+    def fn(theta: torch.Tensor) -> torch.Tensor:
+        pos = torch.remainder(theta.to(torch.float64) + math.pi, 2 * math.pi) * (n / (2 * math.pi))
+        i0 = pos.floor().long() % n
+        frac = pos - pos.floor()
+        out = table[i0] * (1 - frac) + table[(i0 + 1) % n] * frac
+        return out.to(theta.dtype) if theta.is_floating_point() else out
+
+    return fn
+
+
+def _polygon_outline_table(xy: np.ndarray, size: int = _TABLE_SIZE) -> torch.Tensor:
+    """Radial table (largest ray hit per angle) of a closed polygon outline xy [N,2] around (0,0)."""
+    a = torch.as_tensor(xy, dtype=torch.float64)
+    b = torch.roll(a, -1, 0)
+    theta = -math.pi + 2 * math.pi * torch.arange(size, dtype=torch.float64) / size
+    d = torch.stack([torch.cos(theta), torch.sin(theta)], 1)  # [T,2]
+    e = b - a  # [S,2]
+    # Solve t*d = a + u*e for t >= 0, u in [0,1] (2x2 system per ray/segment pair).
+    denom = d[:, None, 0] * (-e[None, :, 1]) - d[:, None, 1] * (-e[None, :, 0])  # det [d, -e]
+    t = (a[None, :, 0] * (-e[None, :, 1]) - a[None, :, 1] * (-e[None, :, 0])) / denom
+    u = (d[:, None, 0] * a[None, :, 1] - d[:, None, 1] * a[None, :, 0]) / denom
+    ok = (denom.abs() > 1e-12) & (u >= -1e-9) & (u <= 1 + 1e-9) & (t > 0)
+    t = torch.where(ok, t, torch.zeros_like(t))
+    return t.max(dim=1).values
+
+
+def _normalise_table(table: torch.Tensor, what: str) -> torch.Tensor:
+    top = float(table.max())
+    if not top > 0:
+        raise InputError(f"{what}: the shape has no area.")
+    return (table / top).clamp_min(1e-4)
+
+
+def _polygon_area_centroid(xy: np.ndarray) -> tuple[float, np.ndarray]:
+    x, y = xy[:, 0], xy[:, 1]
+    x1, y1 = np.roll(x, -1), np.roll(y, -1)
+    cross = x * y1 - x1 * y
+    area = cross.sum() / 2.0
+    cx = ((x + x1) * cross).sum() / (6.0 * area)
+    cy = ((y + y1) * cross).sum() / (6.0 * area)
+    return float(area), np.array([cx, cy])
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes
+
+
+def circle() -> Aperture:
+    """Round aperture (a lens wide open)."""
+    return Aperture("circle", lambda theta: torch.ones_like(theta), {"shape": "circle"})
+
+
+def polygon(blades: int = 6, rotation_deg: float = 0.0, curvature: float = 0.0) -> Aperture:
+    """Regular n-blade aperture. rotation_deg = 0 puts a vertex straight up; positive turns it
+    clockwise. curvature in [0, 1] bows the blade edges outwards (0 = straight, 1 = circle)."""
+    blades = int(blades)
+    if blades < 3:
+        raise InputError(f"A polygon aperture needs at least 3 blades, got {blades}.")
+    curvature = float(curvature)
+    if not 0.0 <= curvature <= 1.0:
+        raise InputError(f"Blade curvature must be in [0, 1], got {curvature}.")
+    sector = 2 * math.pi / blades
+    apothem = math.cos(math.pi / blades)
+    vertex = -math.pi / 2 + math.radians(rotation_deg)
+
+    def fn(theta: torch.Tensor) -> torch.Tensor:
+        phi = torch.remainder(theta - vertex, sector)
+        rho = apothem / torch.cos(phi - math.pi / blades)
+        return rho + curvature * (1.0 - rho)
+
+    name = "triangle" if blades == 3 else f"{blades}-gon"
+    return Aperture(name, fn, {"shape": "polygon", "blades": blades, "rotation_deg": float(rotation_deg),
+                               "curvature": curvature})
+
+
+def triangle(rotation_deg: float = 0.0) -> Aperture:
+    """Three-blade aperture, a vertex up by default."""
+    return polygon(3, rotation_deg)
+
+
+def star(points: int = 5, inner_ratio: float = 0.5, rotation_deg: float = 0.0) -> Aperture:
+    """Star with `points` tips (a tip straight up by default); inner_ratio = inner / outer radius."""
+    points = int(points)
+    if points < 3:
+        raise InputError(f"A star aperture needs at least 3 points, got {points}.")
+    if not 0.05 <= float(inner_ratio) < 1.0:
+        raise InputError(f"Star inner_ratio must be in [0.05, 1), got {inner_ratio}.")
+    half = math.pi / points
+    ri = float(inner_ratio)
+    vertex = -math.pi / 2 + math.radians(rotation_deg)
+
+    def fn(theta: torch.Tensor) -> torch.Tensor:
+        phi = torch.remainder(theta - vertex, 2 * half)
+        phi = torch.where(phi > half, 2 * half - phi, phi)  # mirror: 0 at a tip, `half` at a notch
+        # ray/segment intersection between the tip (angle 0, radius 1) and notch (angle half, ri)
+        return ri * math.sin(half) / (torch.sin(phi) + ri * torch.sin(half - phi))
+
+    return Aperture("star", fn, {"shape": "star", "points": points, "inner_ratio": ri,
+                                 "rotation_deg": float(rotation_deg)})
+
+
+def heart(rotation_deg: float = 0.0) -> Aperture:
+    """Heart (the classic parametric curve), point down, centred on its area centroid."""
+    t = np.linspace(0, 2 * np.pi, 4000, endpoint=False)
+    x = 16 * np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))  # y down
+    xy = np.stack([x, y], 1)
+    _, c = _polygon_area_centroid(xy)
+    table = _normalise_table(_polygon_outline_table(xy - c), "heart")
+    return Aperture("heart", _rotated(_table_radial(table), rotation_deg),
+                    {"shape": "heart", "rotation_deg": float(rotation_deg)})
+
+
+def cat_eye(strength: float = 0.5, direction_deg: float = 0.0) -> Aperture:
+    """Mechanical vignetting ("cat's eye") seen off-axis: the round pupil clipped by a second circle
+    of the same size whose centre is offset by `strength` (0 = none, < 1) circumradii towards
+    `direction_deg` (the direction to the image centre; 0 = right, 90 = down).
+
+    The shape keeps the unclipped pupil's centre and circumradius (r is the radius of the pupil)."""
+    s = float(strength)
+    if not 0.0 <= s < 1.0:
+        raise InputError(f"Cat-eye strength must be in [0, 1), got {strength}.")
+    ang = math.radians(direction_deg)
+    ox, oy = s * math.cos(ang), s * math.sin(ang)
+
+    def fn(theta: torch.Tensor) -> torch.Tensor:
+        # distance along the ray to the offset unit circle: t^2 - 2 t (d.o) + |o|^2 - 1 = 0
+        proj = torch.cos(theta) * ox + torch.sin(theta) * oy
+        t = proj + torch.sqrt(proj * proj + 1.0 - s * s)
+        return torch.minimum(torch.ones_like(t), t)
+
+    return Aperture("cat-eye", fn, {"shape": "cat_eye", "strength": s, "direction_deg": float(direction_deg)})
+
+
+def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = None) -> Aperture:
+    """Any user shape from an image or mask (array/tensor [H,W], [H,W,C], PIL image; bright = open).
+
+    The shape is centred on its area centroid and scaled to circumradius 1. The outline is traced
+    along rays from the centroid, so the shape is used as star-shaped around it (a notch or hole that
+    the centre cannot see is filled). circumradius_px: the mask's own circumradius in pixels if known
+    (e.g. (n - 1) / 2 for an n x n kernel whose shape touches its border); default: the traced maximum.
+    An image with nothing in it is an InputError.
+    """
+    from .images import to_map_batch
+    m = to_map_batch(mask, "aperture shape")
+    if m.shape[0] != 1:
+        raise InputError(f"Aperture shape: expected a single mask, got a batch of {m.shape[0]}.")
+    m = m[0].to(torch.float64)
+    if not torch.isfinite(m).all():
+        raise InputError("Aperture shape contains NaN or infinite values.")
+    top = float(m.max())
+    if top > 1.0:  # e.g. 0..255 data
+        m = m / top
+    if float(m.max()) <= 0.0 or float((m > threshold).sum()) == 0:
+        raise InputError("Aperture shape image is empty: nothing brighter than the threshold "
+                         f"{threshold}. Use white (bright) for the open part of the aperture.")
+    h, w = m.shape
+    weights = m.clamp(0, 1)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    cx = float((weights * xs).sum() / weights.sum())
+    cy = float((weights * ys).sum() / weights.sum())
+    # trace rays from the centroid: the largest distance where the mask is above threshold
+    theta = -math.pi + 2 * math.pi * torch.arange(_TABLE_SIZE, dtype=torch.float64) / _TABLE_SIZE
+    max_t = math.hypot(h, w)
+    steps = torch.arange(0, max_t, 0.25, dtype=torch.float64)
+    px = cx + torch.cos(theta)[:, None] * steps[None]
+    py = cy + torch.sin(theta)[:, None] * steps[None]
+    vals = _bilinear(m, px, py)
+    hit = vals > threshold
+    t_last = torch.where(hit, steps[None].expand_as(hit), torch.zeros_like(px)).max(dim=1).values
+    # refine to sub-pixel: half a step beyond the last sample that was inside
+    table = torch.where(t_last > 0, t_last + 0.125, torch.full_like(t_last, 0.125))
+    if circumradius_px is not None:
+        if not (float(circumradius_px) > 0):
+            raise InputError(f"circumradius_px must be positive, got {circumradius_px}.")
+        table = (table / float(circumradius_px)).clamp(1e-4, 1.0)
+    else:
+        table = _normalise_table(table, "aperture shape")
+    name = "custom"
+    return Aperture(name, _table_radial(table), {"shape": "custom", "size": [int(h), int(w)]},
+                    mask=m.numpy().astype(np.float32))
+
+
+def _bilinear(img: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sample img [H,W] at float coordinates (pixel centres at integers), zero outside."""
+    h, w = img.shape
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    out = torch.zeros_like(x)
+    for dy_, wy in ((0, 1 - fy), (1, fy)):
+        for dx_, wx in ((0, 1 - fx), (1, fx)):
+            xi, yi = (x0 + dx_).long(), (y0 + dy_).long()
+            ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            v = img[yi.clamp(0, h - 1), xi.clamp(0, w - 1)]
+            out = out + torch.where(ok, v, torch.zeros_like(v)) * wx * wy
+    return out
+
+
+SHAPES = ("circle", "polygon", "triangle", "star", "heart", "cat_eye")
+
+
+def make_aperture(shape: str = "circle", **params) -> Aperture:
+    """Build an aperture by name: circle | polygon (blades, rotation_deg, curvature) | hexagon |
+    triangle | star (points, inner_ratio) | heart | cat_eye (strength, direction_deg)."""
+    shape = str(shape).lower().replace("-", "_")
+    builders = {"circle": circle, "polygon": polygon, "triangle": triangle, "star": star, "heart": heart,
+                "cat_eye": cat_eye}
+    if shape == "hexagon":
+        return polygon(6, **params)
+    if shape == "pentagon":
+        return polygon(5, **params)
+    if shape not in builders:
+        raise InputError(f"Unknown aperture shape {shape!r}; choose one of {', '.join(SHAPES)}, hexagon, pentagon.")
+    try:
+        return builders[shape](**params)
+    except TypeError as e:
+        raise InputError(f"Aperture {shape}: {e}") from None
