@@ -15,10 +15,13 @@ inverted: depth = 1 / clamp(inverse_depth, 1e-4, 1e4) metres.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import logging
 import math
+import os
 import pickle
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -240,19 +243,9 @@ def _config_from(config, fallback: Path):
     raise InputError(f"config: expected a path to config.json, a dict or a DepthProConfig, got {type(config).__name__}.")
 
 
-def load_depth_pro(path, device=None, dtype=None, config=None):
-    """Load Depth Pro from a Hugging Face folder, Apple's `depth_pro.pt`, or a single weights file.
-
-    path: a folder holding `config.json` + `model.safetensors` (or its shards), a folder holding
-      `depth_pro.pt`, or a weights file (`.pt`/`.pth`/`.bin` read with weights_only=True, or
-      `.safetensors`) in either key layout; Apple-layout files use the shipped full-size config.
-    device / dtype: default CUDA (or MPS) with fp16 when available, else CPU with fp32.
-    config: the architecture for Apple-layout files and lone weight files (a config.json path, dict or
-      DepthProConfig); default the shipped full-size Depth Pro config (a HF folder uses its own).
-    Returns transformers' DepthProForDepthEstimation in eval mode without gradients.
-    Raises MissingModelFileError (names the file and `models/depth_pro/`) or ModelFileError (not a
-    checkpoint, truncated, code in the pickle, unknown/missing tensors, wrong shapes).
-    """
+def _checked_state(path, config) -> tuple[dict, object, str, bool]:
+    """Read weights from `path` in either layout -> (state dict in the installed transformers'
+    names, checked against the architecture; the DepthProConfig; source path; Apple layout?)."""
     layout, weights_path, config_path = _resolve(path)
     if layout == "hf":
         state = _load_hf_weights(weights_path)
@@ -266,11 +259,9 @@ def load_depth_pro(path, device=None, dtype=None, config=None):
         config = _config_from(config, SHIPPED_CONFIG)
     else:
         config = _read_config(config_path)
-    model = _build_on_meta(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in _build_on_meta(config).state_dict().items()}
     if apple:
-        state = convert_apple_state_dict(state, None, source=source)
-        state = _align_hf_names(state, expected)
+        state = _align_hf_names(convert_apple_state_dict(state, None, source=source), expected)
         check_state_dict(state, expected, source, key_namer=_apple_name_for)
     else:
         if not any(k.startswith(("depth_pro.", "fusion_stage.", "fov_model.")) for k in state):
@@ -278,6 +269,59 @@ def load_depth_pro(path, device=None, dtype=None, config=None):
                                  f"{len(state)}: e.g. {sorted(state)[:3]}).")
         state = _align_hf_names(state, expected)
         check_state_dict(state, expected, source)
+    return state, config, source, apple
+
+
+def _write_hf_folder(state: dict, config, out: Path, source_name: str) -> Path:
+    """config.json + model.safetensors, written to a temporary folder first and renamed into place."""
+    from safetensors.torch import save_file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / HF_WEIGHTS),
+              metadata={"format": "pt", "converted_from": source_name})
+    config.to_json_file(str(tmp / "config.json"))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _cache_folder(path, cache_dir, config) -> Path | None:
+    """Where the converted copy of an Apple-layout file lives: keyed by the file's path, size and
+    modification time and by the architecture, so a changed file is converted again."""
+    _, weights_path, _ = _resolve(path)
+    if weights_path.is_dir():
+        return None
+    stat = weights_path.stat()
+    arch = _config_from(config, SHIPPED_CONFIG).to_json_string()
+    tag = hashlib.sha1(f"{weights_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{arch}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{weights_path.stem}-{tag}"
+
+
+def load_depth_pro(path, device=None, dtype=None, config=None, cache_dir=None):
+    """Load Depth Pro from a Hugging Face folder, Apple's `depth_pro.pt`, or a single weights file.
+
+    path: a folder holding `config.json` + `model.safetensors` (or its shards), a folder holding
+      `depth_pro.pt`, or a weights file (`.pt`/`.pth`/`.bin` read with weights_only=True, or
+      `.safetensors`) in either key layout; Apple-layout files use the shipped full-size config.
+    device / dtype: default CUDA (or MPS) with fp16 when available, else CPU with fp32.
+    config: the architecture for Apple-layout files and lone weight files (a config.json path, dict or
+      DepthProConfig); default the shipped full-size Depth Pro config (a HF folder uses its own).
+    cache_dir: optional folder where an Apple-layout file is kept, once converted, as a Hugging Face
+      folder (safetensors); later loads read that copy instead of unpickling the file again.
+    Returns transformers' DepthProForDepthEstimation in eval mode without gradients.
+    Raises MissingModelFileError (names the file and `models/depth_pro/`) or ModelFileError (not a
+    checkpoint, truncated, code in the pickle, unknown/missing tensors, wrong shapes).
+    """
+    cached = _cache_folder(path, cache_dir, config) if cache_dir is not None else None
+    if cached is not None and (cached / HF_WEIGHTS).is_file() and (cached / "config.json").is_file():
+        log.info("Depth Pro: using the converted copy %s of %s.", cached, path)
+        return load_depth_pro(cached, device=device, dtype=dtype)
+    state, config, source, apple = _checked_state(path, config)
+    if apple and cached is not None:
+        _write_hf_folder(state, config, cached, Path(source).name)
+    model = _build_on_meta(config)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     device = torch.device(device) if device is not None else default_device()
@@ -293,23 +337,10 @@ def load_depth_pro(path, device=None, dtype=None, config=None):
 def convert_apple_checkpoint(apple_path, out_dir, config=None) -> Path:
     """Write Apple's `depth_pro.pt` once as a Hugging Face folder (config.json + model.safetensors)
     that loads without unpickling; the tensors keep the file's dtype. Returns the folder."""
-    from safetensors.torch import save_file
-    src = Path(apple_path)
-    if not src.is_file():
-        raise MissingModelFileError(src.name, src.parent if str(src.parent) not in ("", ".") else WEIGHTS_FOLDER)
-    state = _torch_load(src)
-    if not _is_apple_layout(state):
-        raise ModelFileError(f"{src} is not in Apple's depth_pro.pt layout.")
-    config = _config_from(config, SHIPPED_CONFIG)
-    expected = {k: tuple(v.shape) for k, v in _build_on_meta(config).state_dict().items()}
-    converted = _align_hf_names(convert_apple_state_dict(state, None, source=str(src)), expected)
-    check_state_dict(converted, expected, str(src), key_namer=_apple_name_for)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().clone() for k, v in converted.items()}, str(out / HF_WEIGHTS),
-              metadata={"format": "pt", "converted_from": src.name})
-    config.to_json_file(str(out / "config.json"))
-    return out
+    state, config, source, apple = _checked_state(apple_path, config)
+    if not apple:
+        raise ModelFileError(f"{source} is not in Apple's depth_pro.pt layout (it needs no conversion).")
+    return _write_hf_folder(state, config, Path(out_dir), Path(source).name)
 
 
 def release_depth_pro(model, offload_to_cpu: bool = False) -> None:

@@ -213,6 +213,15 @@ def test_round_trip_hf_to_apple_layout_gives_identical_outputs(tiny_model, image
     folder = convert_apple_checkpoint(apple_pt, tmp_path / "converted", config=config_json)
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
     assert torch.equal(estimate_depth(load_depth_pro(folder), images).depth_m, reference.depth_m)
+    # or converted on first load into a cache folder that later loads read instead
+    cache = tmp_path / "cache"
+    first = load_depth_pro(apple_pt, config=config_json, cache_dir=cache)
+    (copy,) = list(cache.iterdir())
+    assert sorted(os.listdir(copy)) == ["config.json", "model.safetensors"]
+    second = load_depth_pro(apple_pt, config=config_json, cache_dir=cache)
+    assert second.genrefocus_source == str(copy)
+    assert torch.equal(estimate_depth(first, images).depth_m, reference.depth_m)
+    assert torch.equal(estimate_depth(second, images).depth_m, reference.depth_m)
 
 
 def test_hf_folder_either_naming(tiny_model, images, tmp_path):
