@@ -289,12 +289,16 @@ class Offloader:
     def execution_device(self) -> torch.device:
         return self.device
 
-    def prepare(self, module: nn.Module) -> nn.Module:
-        """Put a freshly loaded module where this plan keeps it between stages."""
-        if self.mode.offload == "sequential":
+    def prepare(self, module: nn.Module, allow_sequential: bool = True) -> nn.Module:
+        """Put a freshly loaded module where this plan keeps it between stages.
+
+        allow_sequential=False: in sequential mode this module (e.g. the small VAE, whose callers read
+        its parameters' device) is offloaded as a whole instead of layer by layer.
+        """
+        if self.mode.offload == "sequential" and allow_sequential:
             if id(module) not in self._sequential:
                 self._sequential[id(module)] = SequentialOffload(module, self.device, self.stats)
-        elif self.mode.offload == "model":
+        elif self.mode.offload in ("model", "sequential"):
             module.to("cpu")
         else:
             module.to(self.device)
@@ -302,11 +306,11 @@ class Offloader:
 
     @contextlib.contextmanager
     def stage(self, module: nn.Module):
-        if self.mode.offload == "model":
+        if self.mode.offload == "none" or id(module) in self._sequential:
+            yield module
+        else:
             with model_on_device(module, self.device, "cpu", self.stats):
                 yield module
-        else:
-            yield module
 
     def release(self, module: nn.Module):
         """Undo `prepare` (remove hooks) and leave the module on the CPU."""
