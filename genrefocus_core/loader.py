@@ -74,9 +74,6 @@ def load_genrefocus(flux=None, vae=None, clip_l=None, t5=None, diffusers_dir=Non
     prompt_embeddings: skip the text encoders (see resolve_prompt_embeddings).
     *_config: config folders for single files of non-standard sizes (default: shipped FLUX.1-dev).
     """
-    from . import lora as lora_files
-    from .pipeline import GenRefocusPipeline
-
     mode = get_memory_mode(memory_mode)
     offload = Offloader(mode, device)
     if flux is None and diffusers_dir is None:
@@ -93,6 +90,9 @@ def load_genrefocus(flux=None, vae=None, clip_l=None, t5=None, diffusers_dir=Non
         raise InputError("The aperture-shape LoRA works on top of BokehNet: give bokeh_lora as well.")
     for name, path in loras.items():
         mf.require_file(path, "lora")
+
+    from . import lora as lora_files
+    from .pipeline import GenRefocusPipeline
 
     # 1. text first: encoders (if needed at all) are loaded, used and freed before FLUX is read.
     stages = sorted({ADAPTER_STAGES[name] for name in loras})

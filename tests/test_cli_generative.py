@@ -1,0 +1,106 @@
+"""`python -m genrefocus_core deblur|refocus` end to end on the tiny FLUX (diffusers folder + tiny LoRAs)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from genrefocus_core.__main__ import main as cli
+from genrefocus_core.images import load_image
+from genrefocus_core.loader import load_genrefocus
+from genrefocus_core.sampling import SamplerSettings
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def files(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    img = (rng.random((36, 40, 3)) * 255).astype(np.uint8)  # not a multiple of 16: padded and restored
+    Image.fromarray(img).save(d / "in.png")
+    depth = np.full((18, 20), 4.0, np.float32)  # lower resolution, same aspect: resized
+    depth[:, 10:] = 1.0
+    np.save(d / "depth.npy", depth)
+    return d
+
+
+def _models(tiny_dir, tmp):
+    return ["--diffusers-dir", str(tiny_dir / "pipeline"), "--memory-mode", "fp32", "--device", "cpu",
+            "--cache-dir", str(tmp / "cache"), "--steps", "2"]
+
+
+def test_deblur_cli_matches_api(tiny_dir, files):
+    out = files / "sharp.png"
+    rc = cli(["deblur", "--image", str(files / "in.png"), "--out", str(out), "--seed", "5",
+              "--deblur-lora", str(tiny_dir / "deblurNet.safetensors")] + _models(tiny_dir, files))
+    assert rc == 0 and out.is_file()
+    got = np.asarray(Image.open(out))
+    assert got.shape == (36, 40, 3)
+    assert len(list((files / "cache").glob("*.safetensors"))) == 1  # deblur prompt encoded once, cached
+    pipe = load_genrefocus(diffusers_dir=tiny_dir / "pipeline", deblur_lora=tiny_dir / "deblurNet.safetensors",
+                           memory_mode="fp32", device="cpu", cache_dir=files / "cache")
+    want = pipe.deblur(load_image(files / "in.png"), settings=SamplerSettings(steps=2, seed=5))
+    want = (want[0].clamp(0, 1).numpy() * 255 + 0.5).astype(np.uint8)
+    assert np.array_equal(got, want)
+
+
+def test_refocus_cli_with_depth_file(tiny_dir, files):
+    out, aif, defocus = files / "refocused.png", files / "aif.png", files / "defocus.npy"
+    args = ["refocus", "--image", str(files / "in.png"), "--out", str(out), "--seed", "5",
+            "--deblur-lora", str(tiny_dir / "deblurNet.safetensors"),
+            "--bokeh-lora", str(tiny_dir / "bokehNet.safetensors"),
+            "--depth", str(files / "depth.npy"), "--focus", "5,10", "--K", "15",
+            "--save-aif", str(aif), "--save-defocus", str(defocus)] + _models(tiny_dir, files)
+    assert cli(args) == 0
+    result = np.asarray(Image.open(out))
+    assert result.shape == (36, 40, 3)
+    d = np.load(defocus)
+    assert d.shape == (36, 40)
+    # focus on the far half (4 m): there 0 blur; the near half (1 m): 15 * (1 - 0.25) = 11.25 px
+    assert np.allclose(d[:, :15], 0, atol=1e-5) and np.allclose(d[:, 25:], 11.25, atol=1e-4)
+    assert np.asarray(Image.open(aif)).shape == (36, 40, 3)
+    assert not np.array_equal(result, np.asarray(Image.open(aif)))
+    # K = 0: nothing to blur, BokehNet is skipped and the all-in-focus image comes back unchanged
+    out0 = files / "k0.png"
+    args0 = [a if a != str(out) else str(out0) for a in args]
+    args0[args0.index("--K") + 1] = "0"
+    assert cli(args0) == 0
+    assert np.array_equal(np.asarray(Image.open(out0)), np.asarray(Image.open(aif)))
+
+
+def test_refocus_without_deblur_uses_input_as_aif(tiny_dir, files):
+    out = files / "nodeblur.png"
+    assert cli(["refocus", "--image", str(files / "in.png"), "--out", str(out),
+                "--bokeh-lora", str(tiny_dir / "bokehNet.safetensors"), "--depth", str(files / "depth.npy"),
+                "--prompt-embeds", str(tiny_dir / "prompt_embeds.safetensors"), "--focus-norm", "0.9,0.5",
+                "--K", "10"] + _models(tiny_dir, files)) == 0
+    assert np.asarray(Image.open(out)).shape == (36, 40, 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--focus", "400,10"], "outside"),
+    (["--K", "-3"], "K must be"),
+    (["--steps", "0"], "steps"),
+    (["--depth-pro", "x.pt"], "exactly one depth source"),
+    (["--focus", "1,1", "--focus-disparity", "0.3"], "one of"),
+    (["--aperture", "heart"], "aperture-lora"),
+])
+def test_refocus_bad_arguments(tiny_dir, files, capsys, extra, message):
+    args = ["refocus", "--image", str(files / "in.png"), "--out", str(files / "bad.png"),
+            "--bokeh-lora", str(tiny_dir / "bokehNet.safetensors"), "--depth", str(files / "depth.npy")]
+    args += _models(tiny_dir, files) + extra
+    assert cli(args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_file_message_via_python_m(tmp_path, files):
+    proc = subprocess.run([sys.executable, "-m", "genrefocus_core", "deblur", "--image", str(files / "in.png"),
+                           "--out", str(tmp_path / "o.png"), "--flux", str(tmp_path / "flux1-dev.safetensors"),
+                           "--vae", str(tmp_path / "ae.safetensors"), "--deblur-lora",
+                           str(tmp_path / "deblurNet.safetensors"), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "deblurNet.safetensors' not found" in proc.stderr and "models/genrefocus" in proc.stderr
