@@ -95,10 +95,12 @@ def load_genrefocus(flux=None, vae=None, clip_l=None, t5=None, diffusers_dir=Non
     from .pipeline import GenRefocusPipeline
 
     # 1. text first: encoders (if needed at all) are loaded, used and freed before FLUX is read.
+    #    (sequential mode targets small GPUs: T5-XXL, 8.8 GiB in bf16, then encodes once on the CPU.)
     stages = sorted({ADAPTER_STAGES[name] for name in loras})
+    encoder_device = "cpu" if mode.offload == "sequential" else offload.device
     embeddings = resolve_prompt_embeddings(stages, prompt_embeddings, diffusers_dir=diffusers_dir, clip_l=clip_l,
                                            t5=t5, tokenizer_dir=tokenizer_dir or diffusers_dir, cache_dir=cache_dir,
-                                           device=offload.device, clip_config=clip_config, t5_config=t5_config)
+                                           device=encoder_device, clip_config=clip_config, t5_config=t5_config)
 
     # 2. FLUX transformer and VAE.
     transformer = fl.load_flux_transformer(flux if flux is not None else diffusers_dir, dtype=mode.load_dtype,

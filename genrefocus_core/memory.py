@@ -193,21 +193,72 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def is_adapter_module(name: str) -> bool:
+    """peft's per-adapter sub-modules are named '<layer>.lora_A.<adapter>' etc."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] in _ADAPTER_CONTAINERS
+
+
 @contextlib.contextmanager
-def model_on_device(module: nn.Module, device, offload_device="cpu", stats: OffloadStats | None = None):
-    """Model-level offload: the whole module on `device` for the block, back on `offload_device` after
-    (also when the block raises, e.g. a cancelled run)."""
+def model_on_device(module: nn.Module, device, offload_device="cpu", stats: OffloadStats | None = None,
+                    lazy_adapters: bool = True):
+    """Model-level offload: the module's weights on `device` for the block, back after (also when the
+    block raises, e.g. a cancelled run).
+
+    With lazy_adapters, peft adapter weights move only when their module is first called, so a stage
+    brings just its own LoRA (e.g. DeblurNet's rank-128 adapter, 0.86 GiB, stays off the GPU while
+    BokehNet runs). The CPU tensors are kept, so moving back is free.
+    """
     device = torch.device(device)
-    nbytes = _tensor_bytes(module, True)
-    module.to(device)
-    if stats is not None:
-        stats.add(nbytes)
+    offload_device = torch.device(offload_device)
+    adapters = [m for n, m in module.named_modules() if is_adapter_module(n)] if lazy_adapters else []
+    lazy_ids = {id(t) for m in adapters for t in list(m.parameters()) + list(m.buffers())}
+    saved = []  # (tensor, cpu data) for everything moved
+    moved_bytes = 0
+
+    def move(tensors):
+        nonlocal moved_bytes
+        n = 0
+        for t in tensors:
+            saved.append((t, t.data))
+            t.data = t.data.to(device, non_blocking=True)
+            n += t.numel() * t.element_size()
+        moved_bytes += n
+        if stats is not None:
+            stats.add(n)
+
+    hooks = []
+
+    def bring_adapter(m, args):
+        if not getattr(m, "_genrefocus_on_device", False):
+            m._genrefocus_on_device = True
+            move(list(m.parameters()) + list(m.buffers()))
+        return None
+
     try:
+        seen = set()
+        base = []
+        for t in list(module.parameters()) + list(module.buffers()):
+            if id(t) in lazy_ids or id(t) in seen:
+                continue
+            seen.add(id(t))
+            base.append(t)
+        move(base)
+        for m in adapters:
+            hooks.append(m.register_forward_pre_hook(bring_adapter))
         yield module
     finally:
-        module.to(offload_device)
+        for h in hooks:
+            h.remove()
+        for m in adapters:
+            m._genrefocus_on_device = False
+        for t, data in reversed(saved):
+            t.data = data if data.device == offload_device else data.to(offload_device)
         if stats is not None:
-            stats.remove(nbytes)
+            stats.remove(moved_bytes)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -108,6 +108,28 @@ def test_model_offload_moves_in_and_back_also_on_error(pipe_dir):
 
 
 @torch.no_grad()
+def test_model_offload_brings_only_the_adapters_a_stage_uses(pipe_dir, tiny_dir):
+    model = fl.load_flux_transformer(pipe_dir, dtype=torch.bfloat16)
+    lora_files.load_lora(model, tiny_dir / "deblurNet.safetensors", "deblurring")
+    lora_files.load_lora(model, tiny_dir / "bokehNet.safetensors", "bokeh")
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    adapter = {name: size(p for n, p in model.named_parameters() if f".{name}." in n + ".")
+               for name in ("deblurring", "bokeh")}
+    total = size(list(model.parameters()) + list(model.buffers()))
+    base = total - adapter["deblurring"] - adapter["bokeh"]
+    assert adapter["deblurring"] > 0 and adapter["bokeh"] > 0
+    plan = memory.Offloader("default", device="cpu")
+    plan.prepare(model)
+    with plan.stage(model):
+        assert plan.stats.resident == base
+        for m in model.modules():
+            if lora_files.is_lora_layer(m) and "deblurring" in m.lora_A:
+                m.lora_B["deblurring"](m.lora_A["deblurring"](torch.zeros(1, m.in_features, dtype=torch.bfloat16)))
+        assert plan.stats.resident == base + adapter["deblurring"]  # BokehNet's adapter stayed behind
+    assert plan.stats.resident == 0 and plan.stats.peak == base + adapter["deblurring"]
+
+
+@torch.no_grad()
 def test_sequential_offload_one_layer_at_a_time(pipe_dir):
     ref = fl.load_flux_transformer(pipe_dir, dtype=torch.float32)
     model = fl.load_flux_transformer(pipe_dir, dtype=torch.float32)
