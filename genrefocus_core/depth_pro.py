@@ -386,7 +386,7 @@ def _focal_override(focal_px, batch: int) -> torch.Tensor | None:
     return f.expand(batch).clone()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def estimate_depth(model, image, focal_px=None, max_batch: int = 1) -> DepthResult:
     """Metric depth of `image` ([B, H, W, 3] float in [0, 1], or anything `to_image_batch` takes).
 

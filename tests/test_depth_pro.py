@@ -120,6 +120,170 @@ def test_qkv_split_order_and_inverse():
     assert torch.equal(hf_state_dict_to_apple(out)["fov.encoder.0.blocks.1.attn.qkv.weight"], w)
 
 
+# Apple's network written out functionally on an Apple-layout state dict (timm ViT with fused qkv,
+# image pyramid split into overlapping 384-style patches, merge with fixed paddings 3 and 6, DPT-style
+# decoder, FOV head), so the mapping is checked against what each Apple tensor does, not only against
+# its own inverse. Apple merges patch grids with paddings 3 (full resolution) and 6 (half); transformers
+# caps them at a quarter of the token grid and resizes the merged map to 4x (2x) the grid, both of which
+# only act below the released grid of 24 tokens; the reference does the same to run on a small grid.
+
+def _apple_vit(sd, prefix, x, heads, hooks=()):
+    w = lambda name: sd[prefix + name]
+    proj = w("patch_embed.proj.weight")
+    x = F.conv2d(x, proj, w("patch_embed.proj.bias"), stride=proj.shape[-1]).flatten(2).transpose(1, 2)
+    b, _, d = x.shape
+    x = torch.cat([w("cls_token").expand(b, -1, -1), x], 1) + w("pos_embed")
+    n = x.shape[1]
+    saved = {}
+    i = 0
+    while prefix + f"blocks.{i}.norm1.weight" in sd:
+        blk = f"blocks.{i}."
+        h = F.layer_norm(x, (d,), w(blk + "norm1.weight"), w(blk + "norm1.bias"), eps=1e-6)
+        qkv = F.linear(h, w(blk + "attn.qkv.weight"), w(blk + "attn.qkv.bias"))
+        q, k, v = qkv.reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), -1) @ v
+        att = att.transpose(1, 2).reshape(b, n, d)
+        x = x + w(blk + "ls1.gamma") * F.linear(att, w(blk + "attn.proj.weight"), w(blk + "attn.proj.bias"))
+        h = F.layer_norm(x, (d,), w(blk + "norm2.weight"), w(blk + "norm2.bias"), eps=1e-6)
+        h = F.linear(F.gelu(F.linear(h, w(blk + "mlp.fc1.weight"), w(blk + "mlp.fc1.bias"))),
+                     w(blk + "mlp.fc2.weight"), w(blk + "mlp.fc2.bias"))
+        x = x + w(blk + "ls2.gamma") * h
+        if i in hooks:
+            saved[i] = x
+        i += 1
+    return F.layer_norm(x, (d,), w("norm.weight"), w("norm.bias"), eps=1e-6), saved
+
+
+def _grid(tokens):
+    n, t, c = tokens.shape
+    side = int(math.isqrt(t - 1))
+    return tokens[:, 1:].reshape(n, side, side, c).permute(0, 3, 1, 2)
+
+
+def _split(x, patch, overlap):
+    stride = int(patch * (1 - overlap))
+    steps = int(math.ceil((x.shape[-1] - patch) / stride)) + 1
+    return torch.cat([x[..., j * stride:j * stride + patch, i * stride:i * stride + patch]
+                      for j in range(steps) for i in range(steps)], 0)
+
+
+def _merge(x, batch, padding, size):
+    steps = int(math.sqrt(x.shape[0] // batch))
+    rows = []
+    for j in range(steps):
+        row = []
+        for i in range(steps):
+            o = x[batch * (j * steps + i):batch * (j * steps + i + 1)]
+            o = o[..., padding if j else 0:o.shape[-2] - (padding if j < steps - 1 else 0),
+                  padding if i else 0:o.shape[-1] - (padding if i < steps - 1 else 0)]
+            row.append(o)
+        rows.append(torch.cat(row, -1))
+    merged = torch.cat(rows, -2)  # released model: already size x size
+    return F.interpolate(merged, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _apple_forward(sd, x, patch, heads, hook_blocks, grid):
+    """-> (canonical inverse depth [B,1,S,S], fov in degrees [B,1,1,1]) as Apple's DepthPro.forward."""
+    bsz = x.shape[0]
+    pad3, pad6 = min(3, grid // 4), min(6, grid // 4)
+    x1 = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+    x2 = F.interpolate(x, scale_factor=0.25, mode="bilinear", align_corners=False)
+    p0, p1 = _split(x, patch, 0.25), _split(x1, patch, 0.5)
+    enc, hooks = _apple_vit(sd, "encoder.patch_encoder.", torch.cat([p0, p1, x2]), heads, hook_blocks)
+    enc = _grid(enc)
+    e0, e1, e2 = torch.split(enc, [len(p0), len(p1), len(x2)])
+    latent0 = _merge(_grid(hooks[hook_blocks[0]])[:bsz * 25], bsz, pad3, 4 * grid)
+    latent1 = _merge(_grid(hooks[hook_blocks[1]])[:bsz * 25], bsz, pad3, 4 * grid)
+
+    def up(name, t):
+        t = F.conv2d(t, sd[f"encoder.{name}.0.weight"])
+        j = 1
+        while f"encoder.{name}.{j}.weight" in sd:
+            t = F.conv_transpose2d(t, sd[f"encoder.{name}.{j}.weight"], stride=2)
+            j += 1
+        return t
+
+    glob = _grid(_apple_vit(sd, "encoder.image_encoder.", x2, heads)[0])
+    glob = F.conv_transpose2d(glob, sd["encoder.upsample_lowres.weight"], sd["encoder.upsample_lowres.bias"], stride=2)
+    glob = F.conv2d(torch.cat([up("upsample2", e2), glob], 1), sd["encoder.fuse_lowres.weight"],
+                    sd["encoder.fuse_lowres.bias"])
+    encodings = [up("upsample_latent0", latent0), up("upsample_latent1", latent1),
+                 up("upsample0", _merge(e0, bsz, pad3, 4 * grid)),
+                 up("upsample1", _merge(e1, bsz, pad6, 2 * grid)), glob]
+
+    def conv(i, t):
+        key = f"decoder.convs.{i}.weight"
+        return t if key not in sd else F.conv2d(t, sd[key], padding=sd[key].shape[-1] // 2)
+
+    def fusion(i, a, skip=None):
+        pre = f"decoder.fusions.{i}."
+
+        def res(r, t):
+            h = F.conv2d(F.relu(t), sd[pre + f"resnet{r}.residual.1.weight"], sd[pre + f"resnet{r}.residual.1.bias"], padding=1)
+            h = F.conv2d(F.relu(h), sd[pre + f"resnet{r}.residual.3.weight"], sd[pre + f"resnet{r}.residual.3.bias"], padding=1)
+            return t + h
+        if skip is not None:
+            a = a + res(1, skip)
+        a = res(2, a)
+        if i:
+            a = F.conv_transpose2d(a, sd[pre + "deconv.weight"], stride=2)
+        return F.conv2d(a, sd[pre + "out_conv.weight"], sd[pre + "out_conv.bias"])
+
+    features = conv(4, encodings[4])
+    lowres = features
+    features = fusion(4, features)
+    for i in (3, 2, 1, 0):
+        features = fusion(i, features, conv(i, encodings[i]))
+    h = F.conv2d(features, sd["head.0.weight"], sd["head.0.bias"], padding=1)
+    h = F.conv_transpose2d(h, sd["head.1.weight"], sd["head.1.bias"], stride=2)
+    h = F.relu(F.conv2d(h, sd["head.2.weight"], sd["head.2.bias"], padding=1))
+    depth = F.relu(F.conv2d(h, sd["head.4.weight"], sd["head.4.bias"]))
+
+    tokens = _apple_vit(sd, "fov.encoder.0.", x2, heads)[0][:, 1:]
+    tokens = F.linear(tokens, sd["fov.encoder.1.weight"], sd["fov.encoder.1.bias"]).permute(0, 2, 1)
+    low = F.relu(F.conv2d(lowres, sd["fov.downsample.0.weight"], sd["fov.downsample.0.bias"], stride=2, padding=1))
+    f = tokens.reshape_as(low) + low
+    f = F.relu(F.conv2d(f, sd["fov.head.0.weight"], sd["fov.head.0.bias"], stride=2, padding=1))
+    f = F.relu(F.conv2d(f, sd["fov.head.2.weight"], sd["fov.head.2.bias"], stride=2, padding=1))
+    return depth, F.conv2d(f, sd["fov.head.4.weight"], sd["fov.head.4.bias"])
+
+
+def test_mapped_weights_compute_what_apples_network_computes(tmp_path):
+    """An Apple-layout file loaded through the mapping gives the outputs of Apple's architecture run
+    directly on that file's tensors (a swapped level, fusion block or q/k/v would change them)."""
+    from transformers import DepthProConfig
+    vit = dict(model_type="dinov2", hidden_size=16, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2,
+               patch_size=2, image_size=16, use_mask_token=False)
+    config = DepthProConfig(patch_size=16, fusion_hidden_size=16, intermediate_hook_ids=[2, 1],
+                            intermediate_feature_dims=[16, 16], scaled_images_feature_dims=[32, 24, 8],
+                            use_fov_model=True, num_fov_head_layers=2, image_model_config=dict(vit),
+                            patch_model_config=dict(vit), fov_model_config=dict(vit))
+    from transformers import DepthProForDepthEstimation
+    torch.manual_seed(3)
+    source = DepthProForDepthEstimation(config).eval()
+    apple = {k: v.clone() for k, v in hf_state_dict_to_apple(source.state_dict()).items()}
+    g = torch.Generator().manual_seed(4)
+    for k, v in apple.items():  # independent values everywhere, so a mix-up cannot cancel out
+        apple[k] = torch.randn(v.shape, generator=g) * (0.5 / math.sqrt(max(1, v[0].numel()) if v.ndim > 1 else 4))
+    for k in apple:
+        if k.endswith("attn.qkv.weight"):  # peaked attention, so that swapping q and k shows
+            apple[k] *= 8.0
+    apple["head.4.bias"] = torch.tensor([0.5])  # most of the depth above the final ReLU
+    torch.save(apple, tmp_path / "depth_pro.pt")
+    cfg_path = tmp_path / "config.json"
+    config.to_json_file(str(cfg_path))
+    model = load_depth_pro(tmp_path / "depth_pro.pt", config=cfg_path)
+
+    pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+        ref_depth, ref_fov = _apple_forward(apple, pixels, patch=16, heads=2, grid=8,
+                                            hook_blocks=(config.intermediate_hook_ids[1], config.intermediate_hook_ids[0]))
+    assert ref_depth.shape == (2, 1, 512, 512) and ref_depth.std() > 0
+    assert torch.allclose(out.predicted_depth, ref_depth[:, 0], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out.field_of_view, ref_fov.flatten(), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- inference
 
 def test_shapes_any_aspect_ratio_and_batch(tiny_model, images):
