@@ -69,6 +69,11 @@ async function closeDialogs(page) {
       return { focus_x: w('focus_x'), focus_y: w('focus_y'), focus_mode: w('focus_mode') };
     }, nodeId);
     result.before = await read();
+    // a fresh K so that the server cannot answer from its cache (cached nodes send no preview)
+    await page.evaluate((id) => {
+      const w = window.app.graph.getNodeById(id).widgets.find((x) => x.name === 'K');
+      w.value = Math.round((10 + Math.random() * 30) * 10) / 10;
+    }, nodeId);
     await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
     await page.waitForFunction((id) => {
       const n = window.app.graph.getNodeById(id);

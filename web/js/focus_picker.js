@@ -76,6 +76,17 @@ function patchPreviewWidget(node) {
   const w = widget(node, PREVIEW_WIDGET);
   if (!w || w.__genrefocusPicker) return;
   w.__genrefocusPicker = true;
+  // the preview widget is drawn after onDrawForeground: draw the marker right after the image
+  for (const method of ["drawWidget", "draw"]) {
+    if (typeof w[method] !== "function") continue;
+    const draw = w[method].bind(w);
+    w[method] = function (ctx, ...rest) {
+      const r = draw(ctx, ...rest);
+      drawMarker(node, ctx);
+      return r;
+    };
+    break;
+  }
   const original = w.onPointerDown?.bind(w);
   w.onPointerDown = function (pointer, n, canvas) {
     const handled = original ? original(pointer, n, canvas) : false;
@@ -122,7 +133,8 @@ app.registerExtension({
       const r = onDrawForeground?.apply(this, arguments);
       if (!this.flags?.collapsed) {
         patchPreviewWidget(this);
-        drawMarker(this, ctx);
+        // older front ends draw the image in onDrawBackground, below this
+        if (!widget(this, PREVIEW_WIDGET)) drawMarker(this, ctx);
       }
       return r;
     };
