@@ -253,8 +253,8 @@ def test_mapped_weights_compute_what_apples_network_computes(tmp_path):
     directly on that file's tensors (a swapped level, fusion block or q/k/v would change them)."""
     from transformers import DepthProConfig
     vit = dict(model_type="dinov2", hidden_size=16, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2,
-               patch_size=2, image_size=16, use_mask_token=False)
-    config = DepthProConfig(patch_size=16, fusion_hidden_size=16, intermediate_hook_ids=[2, 1],
+               patch_size=2, image_size=8, use_mask_token=False)
+    config = DepthProConfig(patch_size=8, fusion_hidden_size=16, intermediate_hook_ids=[2, 1],
                             intermediate_feature_dims=[16, 16], scaled_images_feature_dims=[32, 24, 8],
                             use_fov_model=True, num_fov_head_layers=2, image_model_config=dict(vit),
                             patch_model_config=dict(vit), fov_model_config=dict(vit))
@@ -274,12 +274,12 @@ def test_mapped_weights_compute_what_apples_network_computes(tmp_path):
     config.to_json_file(str(cfg_path))
     model = load_depth_pro(tmp_path / "depth_pro.pt", config=cfg_path)
 
-    pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    pixels = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():
         out = model(pixel_values=pixels)
-        ref_depth, ref_fov = _apple_forward(apple, pixels, patch=16, heads=2, grid=8,
+        ref_depth, ref_fov = _apple_forward(apple, pixels, patch=8, heads=2, grid=4,
                                             hook_blocks=(config.intermediate_hook_ids[1], config.intermediate_hook_ids[0]))
-    assert ref_depth.shape == (2, 1, 512, 512) and ref_depth.std() > 0
+    assert ref_depth.shape == (2, 1, 256, 256) and ref_depth.std() > 0
     assert torch.allclose(out.predicted_depth, ref_depth[:, 0], rtol=1e-4, atol=1e-5)
     assert torch.allclose(out.field_of_view, ref_fov.flatten(), rtol=1e-4, atol=1e-5)
 
