@@ -243,9 +243,10 @@ def _config_from(config, fallback: Path):
     raise InputError(f"config: expected a path to config.json, a dict or a DepthProConfig, got {type(config).__name__}.")
 
 
-def _checked_state(path, config) -> tuple[dict, object, str, bool]:
+def _checked_state(path, config) -> tuple[dict, torch.nn.Module, str, bool]:
     """Read weights from `path` in either layout -> (state dict in the installed transformers'
-    names, checked against the architecture; the DepthProConfig; source path; Apple layout?)."""
+    names, checked against the architecture; the model built on the meta device; source path;
+    Apple layout?)."""
     layout, weights_path, config_path = _resolve(path)
     if layout == "hf":
         state = _load_hf_weights(weights_path)
@@ -259,7 +260,8 @@ def _checked_state(path, config) -> tuple[dict, object, str, bool]:
         config = _config_from(config, SHIPPED_CONFIG)
     else:
         config = _read_config(config_path)
-    expected = {k: tuple(v.shape) for k, v in _build_on_meta(config).state_dict().items()}
+    skeleton = _build_on_meta(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if apple:
         state = _align_hf_names(convert_apple_state_dict(state, None, source=source), expected)
         check_state_dict(state, expected, source, key_namer=_apple_name_for)
@@ -269,7 +271,7 @@ def _checked_state(path, config) -> tuple[dict, object, str, bool]:
                                  f"{len(state)}: e.g. {sorted(state)[:3]}).")
         state = _align_hf_names(state, expected)
         check_state_dict(state, expected, source)
-    return state, config, source, apple
+    return state, skeleton, source, apple
 
 
 def _write_hf_folder(state: dict, config, out: Path, source_name: str) -> Path:
@@ -318,10 +320,9 @@ def load_depth_pro(path, device=None, dtype=None, config=None, cache_dir=None):
     if cached is not None and (cached / HF_WEIGHTS).is_file() and (cached / "config.json").is_file():
         log.info("Depth Pro: using the converted copy %s of %s.", cached, path)
         return load_depth_pro(cached, device=device, dtype=dtype)
-    state, config, source, apple = _checked_state(path, config)
+    state, model, source, apple = _checked_state(path, config)
     if apple and cached is not None:
-        _write_hf_folder(state, config, cached, Path(source).name)
-    model = _build_on_meta(config)
+        _write_hf_folder(state, model.config, cached, Path(source).name)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     device = torch.device(device) if device is not None else default_device()
@@ -337,10 +338,10 @@ def load_depth_pro(path, device=None, dtype=None, config=None, cache_dir=None):
 def convert_apple_checkpoint(apple_path, out_dir, config=None) -> Path:
     """Write Apple's `depth_pro.pt` once as a Hugging Face folder (config.json + model.safetensors)
     that loads without unpickling; the tensors keep the file's dtype. Returns the folder."""
-    state, config, source, apple = _checked_state(apple_path, config)
+    state, skeleton, source, apple = _checked_state(apple_path, config)
     if not apple:
         raise ModelFileError(f"{source} is not in Apple's depth_pro.pt layout (it needs no conversion).")
-    return _write_hf_folder(state, config, Path(out_dir), Path(source).name)
+    return _write_hf_folder(state, skeleton.config, Path(out_dir), Path(source).name)
 
 
 def release_depth_pro(model, offload_to_cpu: bool = False) -> None:
