@@ -263,8 +263,7 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
 
     path = mf.require_file(p, "transformer")
     header = mf.read_safetensors_header(path)
-    prefix = mf.strip_prefix(header.keys(), mf._BFL_PREFIXES)
-    keys = [k for k in header.keys() if k.startswith(prefix)]
+    prefix, keys = mf.select_component(header.keys(), mf.TRANSFORMER_PREFIXES, mf.TRANSFORMER_ANCHORS)
     family = mf.check_flux_transformer_keys(path, [k[len(prefix):] for k in keys])
     cfg_dir = _config_dir(config_dir, FLUX_DEV_TRANSFORMER_CONFIG)
     config = dict(FluxTransformer2DModel.load_config(str(cfg_dir)))
@@ -279,7 +278,7 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
     state = {}
     fp8_scales = {}
     for name in expected:
-        t = tensors[name]
+        t = tensors.pop(name)  # release each source tensor as soon as it is converted
         if keep_fp8 and t.dtype in FP8_DTYPES and _is_fp8_storable(name):
             state[name] = t.to(torch.float8_e4m3fn) if t.dtype != torch.float8_e4m3fn else t
             fp8_scales[name] = scales.get(name)
@@ -308,21 +307,23 @@ def load_flux_vae(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir
     else:
         path = mf.require_file(p, "vae")
         header = mf.read_safetensors_header(path)
-        family = mf.identify_family(header.keys())
+        prefix, keys = mf.select_component(header.keys(), mf.VAE_PREFIXES, mf.VAE_ANCHORS)
+        family = mf.identify_family([k[len(prefix):] for k in keys])
         if family not in (mf.FLUX_VAE_LDM, mf.FLUX_VAE_DIFFUSERS):
             raise mf.wrong_family_error(path, family, "FLUX autoencoder (ae.safetensors)", "vae")
         cfg_dir = _config_dir(config_dir, FLUX_DEV_VAE_CONFIG)
         cfg = _load_json(cfg_dir / "config.json")
-        conv_out = next((k for k in header.keys() if k.endswith("encoder.conv_out.weight")), None)
+        conv_out = next((k for k in keys if k.endswith("encoder.conv_out.weight")), None)
         want = 2 * int(cfg["latent_channels"])
         if conv_out is not None and header.shape(conv_out)[0] != want:
             got = header.shape(conv_out)[0] // 2
             raise ModelFileError(f"{path}: this autoencoder has {got} latent channels; FLUX's has "
                                  f"{cfg['latent_channels']}. " + ("It is an SD 1.x/SDXL VAE: use FLUX's ae.safetensors "
                                  f"in {mf.COMFYUI_FOLDERS['vae']}." if got == 4 else ""))
+        tensors = _read_tensors(path, keys, prefix)  # only the VAE, also from an all-in-one checkpoint
         with offline_hub():
             try:
-                vae = AutoencoderKL.from_single_file(str(path), config=str(cfg_dir), local_files_only=True,
+                vae = AutoencoderKL.from_single_file(tensors, config=str(cfg_dir), local_files_only=True,
                                                      torch_dtype=dtype)
             except (KeyError, RuntimeError, ValueError) as e:
                 raise ModelFileError(f"{path}: cannot be read as a FLUX autoencoder with config {cfg_dir} "
@@ -335,21 +336,15 @@ def load_flux_vae(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir
 # ---------------------------------------------------------------------------------------------
 # Text encoders and tokenizers
 
-_CLIP_PREFIXES = ("cond_stage_model.transformer.text_model.", "conditioner.embedders.0.transformer.text_model.",
-                  "text_encoders.clip_l.transformer.text_model.", "transformer.text_model.", "text_model.")
-_T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "transformer.")
-
-
-def _encoder_from_file(path: Path, kind: str, model_cls, config, prefixes, expected_family, rename=None,
+def _encoder_from_file(path: Path, kind: str, model_cls, config, prefixes, anchors, expected_family, rename=None,
                        drop=(), dtype=torch.float32):
     from accelerate import init_empty_weights
 
     header = mf.read_safetensors_header(path)
-    family = mf.identify_family(header.keys())
+    prefix, keys = mf.select_component(header.keys(), prefixes, anchors)
+    family = mf.identify_family([k[len(prefix):] for k in keys])
     if family != expected_family:
         raise mf.wrong_family_error(path, family, expected_family, kind)
-    prefix = strip_prefix_any(header.keys(), prefixes)
-    keys = [k for k in header.keys() if k.startswith(prefix)]
     tensors, scales = _split_fp8_scales(_read_tensors(path, keys, prefix))
     tensors = {k: v for k, v in tensors.items() if not any(k.startswith(d) or k == d for d in drop)}
     with init_empty_weights():
@@ -357,20 +352,12 @@ def _encoder_from_file(path: Path, kind: str, model_cls, config, prefixes, expec
     expected = {k: v for k, v in model.state_dict().items() if v.device.type == "meta"}
     if rename is not None:
         tensors = rename(tensors, expected)
-    _check_shapes(path, tensors, expected, f"the {kind} model of the shipped config",
-                  f"(Expected {mf.TYPICAL_NAMES[kind]}.)")
+    _check_shapes(path, tensors, expected, f"{expected_family} for this config",
+                  f"(Expected {mf.TYPICAL_NAMES[kind]}; pass a config folder for other sizes.)")
     state = {k: dequantize(tensors[k], scales.get(k), dtype) for k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     _assert_materialised(model, path)
     return model
-
-
-def strip_prefix_any(keys, prefixes) -> str:
-    keys = list(keys)
-    for p in prefixes:
-        if any(k.startswith(p) for k in keys):
-            return p[: -len("text_model.")] if p.endswith("text_model.") else p
-    return ""
 
 
 def load_clip_text_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir=None):
@@ -393,7 +380,8 @@ def load_clip_text_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, c
                 return {"text_model." + k: v for k, v in bare.items()}
             return bare
 
-        model = _encoder_from_file(path, "clip_l", CLIPTextModel, config, _CLIP_PREFIXES, mf.CLIP_TEXT,
+        model = _encoder_from_file(path, "clip_l", CLIPTextModel, config, mf.CLIP_PREFIXES, mf.CLIP_ANCHORS,
+                                   mf.CLIP_TEXT,
                                    rename=rename, drop=("text_projection", "logit_scale"), dtype=dtype)
     return model.eval().requires_grad_(False)
 
@@ -419,32 +407,43 @@ def load_t5_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, config_d
                 t["encoder.embed_tokens.weight"] = emb
             return t
 
-        model = _encoder_from_file(path, "t5", T5EncoderModel, config, _T5_PREFIXES, mf.T5_ENCODER,
+        model = _encoder_from_file(path, "t5", T5EncoderModel, config, mf.T5_PREFIXES, mf.T5_ANCHORS, mf.T5_ENCODER,
                                    rename=rename, drop=("decoder.", "lm_head."), dtype=dtype)
         model.encoder.embed_tokens = model.shared
     return model.eval().requires_grad_(False)
 
 
-def load_tokenizers(diffusers_dir):
-    """(CLIP tokenizer, T5 tokenizer) from a diffusers folder's tokenizer/ and tokenizer_2/.
+TOKENIZER_LAYOUTS = (
+    ("tokenizer", "tokenizer_2"),  # diffusers folder
+    ("comfy/sd1_tokenizer", "comfy/text_encoders/t5_tokenizer"),  # a ComfyUI install
+    ("sd1_tokenizer", "text_encoders/t5_tokenizer"),  # ComfyUI's comfy/ package folder
+)
 
-    Single-file encoders carry no tokenizer; any FLUX diffusers folder (or a copy of just its two
-    tokenizer folders, a few MB) provides them.
+
+def tokenizer_folders(tokenizer_dir) -> tuple[Path, Path]:
+    """(CLIP tokenizer folder, T5 tokenizer folder) inside a diffusers folder or a ComfyUI install."""
+    if tokenizer_dir is None:
+        raise mf.MissingModelFileError("tokenizer/ and tokenizer_2/", "a FLUX.1-dev diffusers folder or a ComfyUI "
+                                       "install", "Encoding prompts outside ComfyUI needs the CLIP and T5 tokenizers "
+                                       "(pass tokenizer_dir / --tokenizer-dir), or precomputed prompt embeddings.")
+    root = Path(tokenizer_dir).expanduser()
+    for clip_sub, t5_sub in TOKENIZER_LAYOUTS:
+        dirs = (root / clip_sub, root / t5_sub)
+        if all((d / "tokenizer_config.json").is_file() for d in dirs):
+            return dirs
+    raise mf.MissingModelFileError("tokenizer/tokenizer_config.json and tokenizer_2/tokenizer_config.json", root,
+                                   "The folder must be a FLUX diffusers folder (tokenizer/ = CLIP, tokenizer_2/ = T5) "
+                                   "or a ComfyUI install (comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer).")
+
+
+def load_tokenizers(tokenizer_dir):
+    """(CLIP tokenizer, T5 tokenizer) from a FLUX diffusers folder (tokenizer/, tokenizer_2/) or a
+    ComfyUI install, which ships both (comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer).
+
+    Single-file encoders carry no tokenizer; either folder provides them (a few MB, nothing fetched).
     """
     from transformers import AutoTokenizer
 
-    if diffusers_dir is None:
-        raise mf.MissingModelFileError("tokenizer/ and tokenizer_2/", "a FLUX.1-dev diffusers folder",
-                                       "Encoding prompts outside ComfyUI needs the tokenizers of a diffusers folder "
-                                       "(pass diffusers_dir / --diffusers-dir), or pass precomputed prompt embeddings.")
-    root = Path(diffusers_dir).expanduser()
-    toks = []
-    for sub in ("tokenizer", "tokenizer_2"):
-        d = root / sub
-        if not (d / "tokenizer_config.json").is_file():
-            raise mf.MissingModelFileError(f"{sub}/tokenizer_config.json", root,
-                                           "The diffusers folder must contain the CLIP (tokenizer/) and T5 "
-                                           "(tokenizer_2/) tokenizers.")
-        with offline_hub():
-            toks.append(AutoTokenizer.from_pretrained(str(d), local_files_only=True))
-    return toks[0], toks[1]
+    dirs = tokenizer_folders(tokenizer_dir)
+    with offline_hub():
+        return tuple(AutoTokenizer.from_pretrained(str(d), local_files_only=True) for d in dirs)

@@ -170,16 +170,28 @@ SD15_UNET = "Stable Diffusion 1.x/2.x UNet/checkpoint"
 SD3_MMDIT = "Stable Diffusion 3 MMDiT"
 UNKNOWN = "unknown model"
 
-_BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# Where each component sits inside the files people have: bare, or inside an all-in-one checkpoint
+# (ComfyUI "checkpoint" saves, LDM/SD-style files). prefix candidates, and key fragments that prove it.
+TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
+TRANSFORMER_ANCHORS = ("double_blocks.", "single_blocks.", "transformer_blocks.")
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+VAE_ANCHORS = ("encoder.down", "decoder.up", "encoder.conv_in")
+CLIP_PREFIXES = ("text_encoders.clip_l.transformer.", "cond_stage_model.transformer.",
+                 "conditioner.embedders.0.transformer.", "transformer.")
+CLIP_ANCHORS = ("embeddings.token_embedding",)
+T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "transformer.")
+T5_ANCHORS = ("SelfAttention.", "encoder.block.")
 
 
-def strip_prefix(keys, prefixes) -> str:
-    """The first prefix that every key in `keys` (that matters) starts with, or ''."""
+def select_component(keys, prefixes, anchors) -> tuple[str, list]:
+    """(prefix, keys under it) of the first prefix whose keys show one of `anchors`; ('', all keys)
+    when the component is stored bare (or is not there: the family check then says what it is)."""
     keys = list(keys)
-    for p in prefixes:
-        if keys and sum(k.startswith(p) for k in keys) >= 0.5 * len(keys):
-            return p
-    return ""
+    for prefix in prefixes:
+        sub = [k for k in keys if k.startswith(prefix)]
+        if any(a in k[len(prefix):] for k in sub for a in anchors):
+            return prefix, sub
+    return "", keys
 
 
 def identify_family(keys) -> str:

@@ -142,9 +142,11 @@ class PromptEncoder:
 
     @property
     def identity(self) -> str:
+        from .flux_loading import tokenizer_folders
+
         parts = [_source_fingerprint(self.clip_l, ("text_encoder",), "clip_l"),
-                 _source_fingerprint(self.t5, ("text_encoder_2",), "t5"),
-                 _source_fingerprint(self.tokenizer_dir, ("tokenizer", "tokenizer_2"), "t5")]
+                 _source_fingerprint(self.t5, ("text_encoder_2",), "t5")]
+        parts += [folder_fingerprint(d) for d in tokenizer_folders(self.tokenizer_dir)]
         return "flux-clip-l+t5:" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def load(self):

@@ -261,6 +261,48 @@ def test_single_file_text_encoders(tmp_path, tiny_dir, pipe_dir):
     assert clip_tok.model_max_length == 77 and len(t5_tok("a photo").input_ids) >= 2
 
 
+def test_all_in_one_checkpoint_parts(tmp_path, tiny_dir, pipe_dir, bfl_file, ref_transformer_sd):
+    """A ComfyUI 'checkpoint' save holds every part under its own prefix; each loader takes its own."""
+    vae_sd = load_file(str(tiny_dir / "vae.safetensors"))
+    t5_sd = load_file(str(tiny_dir / "t5_encoder.safetensors"))
+    clip_sd = load_file(str(tiny_dir / "clip_text_encoder.safetensors"))
+    everything = dict(load_file(str(bfl_file)))  # model.diffusion_model.*
+    everything.update({"first_stage_model." + k: v for k, v in diffusers_to_ldm_vae(vae_sd, 4).items()})
+    everything.update({"text_encoders.clip_l.transformer.text_model." + k: v for k, v in clip_sd.items()})
+    everything.update({"text_encoders.t5xxl.transformer." + k: v for k, v in t5_sd.items()})
+    path = tmp_path / "flux1-dev-checkpoint.safetensors"
+    save_file(everything, str(path))
+    t = fl.load_flux_transformer(path, dtype=torch.float32, config_dir=pipe_dir / "transformer")
+    assert all(torch.equal(t.state_dict()[k], v) for k, v in ref_transformer_sd.items())
+    vae = fl.load_flux_vae(path, config_dir=pipe_dir / "vae")
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in vae_sd.items())
+    clip = fl.load_clip_text_encoder(path, config_dir=pipe_dir / "text_encoder")
+    clip_ref = fl.load_clip_text_encoder(pipe_dir)
+    assert all(torch.equal(v, clip_ref.state_dict()[k]) for k, v in clip.state_dict().items())
+    t5 = fl.load_t5_encoder(path, config_dir=pipe_dir / "text_encoder_2")
+    t5_ref = fl.load_t5_encoder(pipe_dir)
+    assert all(torch.equal(v, t5_ref.state_dict()[k]) for k, v in t5.state_dict().items())
+
+
+def test_tokenizers_from_a_comfyui_layout(tmp_path, pipe_dir):
+    import os
+    import shutil
+
+    root = tmp_path / "ComfyUI"
+    shutil.copytree(pipe_dir / "tokenizer", root / "comfy" / "sd1_tokenizer")
+    shutil.copytree(pipe_dir / "tokenizer_2", root / "comfy" / "text_encoders" / "t5_tokenizer")
+    text = "a sharp photo with everything in focus"
+    want = [tok(text).input_ids for tok in fl.load_tokenizers(pipe_dir)]
+    for folder in (root, root / "comfy"):
+        assert [tok(text).input_ids for tok in fl.load_tokenizers(folder)] == want
+    comfy = os.environ.get("COMFYUI_DIR")
+    if comfy:  # the real CLIP-L / T5 tokenizers that ComfyUI ships
+        clip_tok, t5_tok = fl.load_tokenizers(comfy)
+        assert clip_tok(text).input_ids[0] == 49406 and t5_tok(text).input_ids[-1] == 1
+    else:
+        print("COMFYUI_DIR unset: the real ComfyUI tokenizers were not checked")
+
+
 def test_loading_never_touches_the_network(monkeypatch, bfl_file, pipe_dir):
     def refuse(*a, **k):
         raise AssertionError("network access attempted")
