@@ -14,6 +14,7 @@ through x. The gauge gives two rasterisations:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -28,6 +29,8 @@ RadialFn = Callable[[torch.Tensor], torch.Tensor]
 OUTLINE_EPS = 2e-3
 # Radial functions given as tables are sampled at this many angles (linear interpolation between).
 _TABLE_SIZE = 4096
+# Rays traced through a user's mask to find its outline.
+_MASK_RAYS = 2048
 
 
 class Aperture:
@@ -243,14 +246,19 @@ def star(points: int = 5, inner_ratio: float = 0.5, rotation_deg: float = 0.0) -
                                  "rotation_deg": float(rotation_deg)})
 
 
-def heart(rotation_deg: float = 0.0) -> Aperture:
-    """Heart (the classic parametric curve), point down, centred on its area centroid."""
-    t = np.linspace(0, 2 * np.pi, 4000, endpoint=False)
+@functools.lru_cache(maxsize=1)
+def _heart_table() -> torch.Tensor:
+    t = np.linspace(0, 2 * np.pi, 1200, endpoint=False)
     x = 16 * np.sin(t) ** 3
     y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))  # y down
     xy = np.stack([x, y], 1)
     _, c = _polygon_area_centroid(xy)
-    table = _normalise_table(_polygon_outline_table(xy - c), "heart")
+    return _normalise_table(_polygon_outline_table(xy - c), "heart")
+
+
+def heart(rotation_deg: float = 0.0) -> Aperture:
+    """Heart (the classic parametric curve), point down, centred on its area centroid."""
+    table = _heart_table()
     return Aperture("heart", _rotated(_table_radial(table), rotation_deg),
                     {"shape": "heart", "rotation_deg": float(rotation_deg)})
 
@@ -305,16 +313,16 @@ def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = Non
     cx = float((weights * xs).sum() / weights.sum())
     cy = float((weights * ys).sum() / weights.sum())
     # trace rays from the centroid: the largest distance where the mask is above threshold
-    theta = -math.pi + 2 * math.pi * torch.arange(_TABLE_SIZE, dtype=torch.float64) / _TABLE_SIZE
+    theta = -math.pi + 2 * math.pi * torch.arange(_MASK_RAYS, dtype=torch.float32) / _MASK_RAYS
     max_t = math.hypot(h, w)
-    steps = torch.arange(0, max_t, 0.25, dtype=torch.float64)
+    steps = torch.arange(0, max_t, 0.25, dtype=torch.float32)
     px = cx + torch.cos(theta)[:, None] * steps[None]
     py = cy + torch.sin(theta)[:, None] * steps[None]
-    vals = _bilinear(m, px, py)
+    vals = _bilinear(m.float(), px, py)
     hit = vals > threshold
     t_last = torch.where(hit, steps[None].expand_as(hit), torch.zeros_like(px)).max(dim=1).values
     # refine to sub-pixel: half a step beyond the last sample that was inside
-    table = torch.where(t_last > 0, t_last + 0.125, torch.full_like(t_last, 0.125))
+    table = torch.where(t_last > 0, t_last + 0.125, torch.full_like(t_last, 0.125)).to(torch.float64)
     if circumradius_px is not None:
         if not (float(circumradius_px) > 0):
             raise InputError(f"circumradius_px must be positive, got {circumradius_px}.")
