@@ -95,7 +95,10 @@ def _check_shapes(source, converted: dict, expected: dict, what: str, hint: str 
 
 
 def _split_fp8_scales(tensors: dict) -> tuple[dict, dict]:
-    """Separate per-tensor fp8 scales ('x.scale_weight' / 'x.weight_scale' -> 'x.weight') and drop markers."""
+    """Separate per-tensor fp8 scales ('x.scale_weight' / 'x.weight_scale' -> 'x.weight') and drop markers.
+
+    Scalar scales travel with their weight (fp8 storage can keep them); a weight with a per-channel
+    scale is dequantised to bf16 here, before any fused tensor is cut into pieces."""
     weights, scales = {}, {}
     for k, v in tensors.items():
         if k.endswith(_FP8_SCALE_SUFFIXES):
@@ -105,6 +108,19 @@ def _split_fp8_scales(tensors: dict) -> tuple[dict, dict]:
             continue
         else:
             weights[k] = v
+    for k, scale in list(scales.items()):
+        if k not in weights:
+            del scales[k]
+        elif scale.numel() != 1:
+            w = weights[k].to(torch.float32)
+            try:
+                weights[k] = (w * scale.reshape(scale.shape + (1,) * (w.ndim - scale.ndim))).to(torch.bfloat16)
+            except RuntimeError:
+                raise ModelFileError(f"fp8 scale of '{k}' has shape {list(scale.shape)}, which does not fit the "
+                                     f"weight {list(w.shape)}.") from None
+            del scales[k]
+        else:
+            scales[k] = scale.reshape(())
     return weights, scales
 
 
@@ -279,8 +295,8 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
     fp8_scales = {}
     for name in expected:
         t = tensors.pop(name)  # release each source tensor as soon as it is converted
-        if keep_fp8 and t.dtype in FP8_DTYPES and _is_fp8_storable(name):
-            state[name] = t.to(torch.float8_e4m3fn) if t.dtype != torch.float8_e4m3fn else t
+        if keep_fp8 and t.dtype == torch.float8_e4m3fn and _is_fp8_storable(name):
+            state[name] = t  # kept byte for byte (other fp8 formats are re-quantised by to_fp8_storage)
             fp8_scales[name] = scales.get(name)
         else:
             state[name] = dequantize(t, scales.get(name), dtype)

@@ -331,8 +331,13 @@ class Offloader:
 
     def __init__(self, mode, device=None):
         self.mode = get_memory_mode(mode)
-        self.device = torch.device(device) if device is not None else \
-            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            self.device = torch.device(device) if device is not None else \
+                torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        except (RuntimeError, TypeError):
+            raise InputError(f"Unknown device {device!r} (use cpu, cuda, cuda:1, mps, ...).") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"Device {device!r} was asked for, but this PyTorch has no usable CUDA; use cpu.")
         self.stats = OffloadStats()
         self._sequential = {}
 

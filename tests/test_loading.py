@@ -215,6 +215,32 @@ def test_bfl_fp8_scaled_file(tmp_path, ref_transformer_sd, tiny_cfg, pipe_dir):
     assert (o8 - r).abs().max() / scale < 0.15
 
 
+def test_fp8_e5m2_and_per_channel_scales(tmp_path, ref_transformer_sd, tiny_cfg, pipe_dir):
+    c = tiny_cfg["transformer"]
+    bfl = diffusers_to_bfl_transformer(ref_transformer_sd, c["num_layers"], c["num_single_layers"])
+    stored = dict(bfl)
+    w = bfl["single_blocks.0.linear1.weight"]  # per-row scale on a fused tensor
+    row_scale = w.abs().amax(dim=1) / 448.0
+    stored["single_blocks.0.linear1.weight"] = (w / row_scale[:, None]).to(torch.float8_e4m3fn)
+    stored["single_blocks.0.linear1.scale_weight"] = row_scale
+    stored["double_blocks.1.img_mlp.2.weight"] = (bfl["double_blocks.1.img_mlp.2.weight"] * 1000).to(torch.float8_e5m2)
+    stored["double_blocks.1.img_mlp.2.scale_weight"] = torch.tensor(1e-3)
+    path = tmp_path / "mixed-fp8.safetensors"
+    save_file(stored, str(path))
+    for keep in (False, True):
+        t = fl.load_flux_transformer(path, dtype=torch.bfloat16, config_dir=pipe_dir / "transformer", keep_fp8=keep)
+        q = t.single_transformer_blocks[0].attn.to_q
+        ff = t.transformer_blocks[1].ff.net[2]
+        with torch.no_grad():
+            for layer, ref in ((q, ref_transformer_sd["single_transformer_blocks.0.attn.to_q.weight"]),
+                               (ff, ref_transformer_sd["transformer_blocks.1.ff.net.2.weight"])):
+                eye = torch.eye(layer.in_features, dtype=torch.bfloat16)
+                got = (layer(eye) - (layer.bias if layer.bias is not None else 0)).float().T
+                assert torch.isfinite(got).all()
+                assert (got - ref).abs().max() <= 0.15 * ref.abs().max()
+        assert (q.weight.dtype == torch.float8_e4m3fn) == keep
+
+
 def test_vae_single_file_ldm_layout(tmp_path, tiny_dir, pipe_dir):
     ref = load_file(str(tiny_dir / "vae.safetensors"))
     ldm = diffusers_to_ldm_vae(ref, 4)

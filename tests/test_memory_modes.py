@@ -45,6 +45,11 @@ def test_mode_table():
     assert memory.get_memory_mode("default").offload == "model"
     with pytest.raises(InputError, match="default, low, sequential, fp32"):
         memory.get_memory_mode("turbo")
+    with pytest.raises(InputError, match="device"):
+        memory.Offloader("default", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA"):
+            memory.Offloader("low", device="cuda")
 
 
 @torch.no_grad()
