@@ -186,12 +186,16 @@ def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "
         if flipped:
             raise InputError(f"{name}: metric {kind} has a fixed direction ({'far' if kind == 'depth' else 'near'} = "
                              "bigger values); an inverted (display) map can only be used with scale='relative'.")
-        if not (isinstance(unit, (int, float)) and math.isfinite(unit) and unit > 0):
+        unit = _finite_float(unit, "unit")
+        if unit <= 0:
             raise InputError(f"unit must be a positive number of metres per stored unit, got {unit!r}.")
-        disp = _metric_to_disparity(values, kind, float(unit), name)
+        disp = _metric_to_disparity(values, kind, unit, name)
     else:
-        _check_range(near_m, far_m)
-        disp = _relative_to_disparity(values, kind, flipped, float(near_m), float(far_m), name)
+        near_m, far_m = _finite_float(near_m, "near_m"), _finite_float(far_m, "far_m")
+        if not (0 < near_m < far_m):
+            raise InputError(f"Scene range must satisfy 0 < near_m < far_m (metres), got near_m={near_m}, "
+                             f"far_m={far_m}.")
+        disp = _relative_to_disparity(values, kind, flipped, near_m, far_m, name)
     disp = _fill_nan(disp, name)
     return _fit_size(disp, size, batch, name)
 
@@ -203,10 +207,14 @@ def depth_from_external(image_or_map, **options) -> torch.Tensor:
     return torch.where(disp > 0, 1.0 / disp.clamp_min(1e-12), torch.full_like(disp, float("inf")))
 
 
-def _check_range(near_m, far_m):
-    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (near_m, far_m))
-    if not ok or not (0 < near_m < far_m):
-        raise InputError(f"Scene range must satisfy 0 < near_m < far_m (metres), got near_m={near_m}, far_m={far_m}.")
+def _finite_float(value, what: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number, got {value!r}.") from None
+    if not math.isfinite(out):
+        raise InputError(f"{what} must be finite, got {value!r}.")
+    return out
 
 
 def _metric_to_disparity(values: torch.Tensor, kind: str, unit: float, name: str) -> torch.Tensor:
