@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from genrefocus_core.classical_bokeh import LEVEL_STEP, render_bokeh
+from genrefocus_core.classical_bokeh import QUALITY_PRESETS, render_bokeh
 from genrefocus_core.errors import InputError
 from genrefocus_core.images import to_image_batch
 
@@ -35,8 +35,9 @@ class GenRefocusClassicalBokeh:
                 "aperture": (APERTURE, tip("Aperture shape from Aperture Shape (default: a circle).")),
                 "max_radius": ("FLOAT", tip("Cap on the blur radius in pixels (0 = half the image's long edge).",
                                             default=0.0, min=0.0, max=4096.0, step=1.0)),
-                "level_step": ("FLOAT", tip("Depth-level spacing relative to the radius: smaller = crisper bokeh "
-                                            "edges but slower.", default=LEVEL_STEP, min=0.02, max=0.5, step=0.005)),
+                "quality": (list(QUALITY_PRESETS), tip("Depth-level spacing: 'best' gives crisper bokeh edges but is "
+                                                       "slower, 'fast' the opposite; the blur radius is equally exact.",
+                                                       default="balanced")),
                 "flip_front": ("BOOLEAN", tip("Turn the aperture shape by 180 degrees in front of the focal plane, "
                                               "as a real lens does.", default=True)),
             },
@@ -49,7 +50,7 @@ class GenRefocusClassicalBokeh:
     CATEGORY = CATEGORY
 
     def render(self, image, defocus, highlight_boost, highlight_threshold, colorspace, aperture=None,
-               max_radius=0.0, level_step=LEVEL_STEP, flip_front=True):
+               max_radius=0.0, quality="balanced", flip_front=True):
         if not isinstance(defocus, DefocusData):
             raise InputError("Classical Bokeh: 'defocus' must come from the Defocus Map node.")
         img = to_image_batch(image, "image")
@@ -58,7 +59,7 @@ class GenRefocusClassicalBokeh:
         comfy_bridge.throw_if_interrupted()
         out = render_bokeh(img.to(device), defocus_px=coc.to(device), aperture=aperture, colorspace=colorspace,
                            highlight_boost=highlight_boost, highlight_threshold=highlight_threshold,
-                           max_radius=max_radius if max_radius > 0 else None, level_step=level_step,
+                           max_radius=max_radius if max_radius > 0 else None, quality=quality,
                            flip_front=flip_front)
         return (out.float().cpu().clamp(0, 1),)
 

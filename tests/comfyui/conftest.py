@@ -80,8 +80,8 @@ class ComfyServer:
             self._object_info = self.get_json("/object_info")
         return self._object_info
 
-    def post_prompt(self, prompt: dict):
-        st, body = self.request("POST", "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+    def post_prompt(self, prompt: dict, client_id: str | None = None):
+        st, body = self.request("POST", "/prompt", {"prompt": prompt, "client_id": client_id or str(uuid.uuid4())})
         return st, json.loads(body or b"{}")
 
     def wait(self, prompt_id: str, timeout: float = RUN_TIMEOUT) -> dict:
@@ -96,8 +96,8 @@ class ComfyServer:
         self.request("POST", "/interrupt", {})
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s; log tail:\n{self.log_tail()}")
 
-    def run(self, prompt: dict, timeout: float = RUN_TIMEOUT) -> dict:
-        st, resp = self.post_prompt(prompt)
+    def run(self, prompt: dict, timeout: float = RUN_TIMEOUT, client_id: str | None = None) -> dict:
+        st, resp = self.post_prompt(prompt, client_id)
         assert st == 200, f"/prompt rejected the graph (HTTP {st}): {json.dumps(resp)[:3000]}"
         return self.wait(resp["prompt_id"], timeout)
 
@@ -120,25 +120,135 @@ class ComfyServer:
                     return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
-    def workflow_api(self, name: str) -> dict:
+    def workflow_api(self, name: str, tiny: bool = False) -> dict:
+        """A shipped workflow in API format; tiny=True: on the tiny weights (file names swapped, the FLUX
+        text encoder replaced by the stored prompt embeddings, which the tiny set provides)."""
         ui = json.loads((WORKFLOWS / name).read_text())
-        return convert(ui, self.object_info())
+        api = convert(ui, self.object_info())
+        if tiny:
+            for nid, node in list(api.items()):
+                for (cls, name_), value in TINY_NAMES.items():
+                    if node["class_type"] == cls and name_ in node["inputs"]:
+                        node["inputs"][name_] = value
+                if node["class_type"] == "GenRefocusLoadModel":
+                    node["inputs"].pop("clip", None)
+            api = {k: v for k, v in api.items() if v["class_type"] != "DualCLIPLoader"}
+        return api
+
+    def outputs_of(self, history: dict, node_id: str) -> list[dict]:
+        return history.get("outputs", {}).get(str(node_id), {}).get("images", [])
+
+    def image(self, item: dict):
+        import io
+
+        import numpy as np
+        from PIL import Image
+        return np.asarray(Image.open(io.BytesIO(self.view(item))).convert("RGB"))
+
+
+def errors_of(history: dict) -> list[dict]:
+    return [m for kind, m in history["status"].get("messages", []) if kind == "execution_error"]
+
+
+class WebSocketMessages:
+    """Minimal RFC 6455 client for ComfyUI's /ws (stdlib only): collects the JSON messages
+    (progress, executing, ...) sent to one client id in a background thread."""
+
+    def __init__(self, port: int):
+        import base64
+        import threading
+        self.client_id = str(uuid.uuid4())
+        self.messages: list[dict] = []
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws?clientId={self.client_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                           f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                raise ConnectionError("websocket handshake: connection closed")
+            head += chunk
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.sock.settimeout(None)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _recv(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return out
+
+    def _read(self):
+        import struct
+        try:
+            while True:
+                b0, b1 = self._recv(2)
+                opcode, length = b0 & 0x0F, b1 & 0x7F
+                if length == 126:
+                    length = struct.unpack(">H", self._recv(2))[0]
+                elif length == 127:
+                    length = struct.unpack(">Q", self._recv(8))[0]
+                mask = self._recv(4) if b1 & 0x80 else None
+                data = self._recv(length)
+                if mask:
+                    data = bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+                if opcode == 8:
+                    return
+                if opcode == 1:
+                    self.messages.append(json.loads(data))
+        except (OSError, ConnectionError, ValueError):
+            return
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [m["data"] for m in list(self.messages) if m.get("type") == kind]
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# Shipped workflows name the real files; the tests run them on the shared tiny weights under these names.
+TINY_NAMES = {
+    ("GenRefocusLoadModel", "flux_model"): "genrefocus-tiny-flux/diffusion_pytorch_model.safetensors",
+    ("GenRefocusLoadModel", "vae_name"): "genrefocus-tiny-ae/diffusion_pytorch_model.safetensors",
+    ("GenRefocusLoadModel", "prompt_embeddings"): "prompt_embeds.safetensors",
+    ("GenRefocusLoadDepthPro", "model_name"): "depth-pro-tiny/model.safetensors",
+}
+# Names the shipped workflows use for files the tiny set does not have: empty placeholders, so that the
+# unmodified workflows pass the server's validation (loading them fails at run time, as it should).
+PLACEHOLDERS = ["diffusion_models/flux1-dev.safetensors", "vae/ae.safetensors", "text_encoders/clip_l.safetensors",
+                "text_encoders/t5xxl_fp16.safetensors", "depth_pro/depth_pro.pt"]
 
 
 def _place_models(models: Path, tiny: Path, depth_pro_builder) -> None:
-    """The shared tiny weights in the folders (and file names) the nodes and workflows use."""
-    layout = {
-        "diffusion_models/genrefocus-tiny-flux.safetensors": tiny / "transformer.safetensors",
-        "vae/genrefocus-tiny-ae.safetensors": tiny / "vae.safetensors",
+    """The shared tiny weights in the folders (and names) the nodes expect: diffusers component folders
+    (config.json beside the weights) for FLUX and its VAE, LoRAs and prompt embeddings in genrefocus/,
+    a tiny Depth Pro in the Hugging Face layout, and a LoRA posing as a FLUX file (wrong family)."""
+    links = {
+        "diffusion_models/genrefocus-tiny-flux": tiny / "pipeline" / "transformer",
+        "vae/genrefocus-tiny-ae": tiny / "pipeline" / "vae",
         "genrefocus/deblurNet.safetensors": tiny / "deblurNet.safetensors",
         "genrefocus/bokehNet.safetensors": tiny / "bokehNet.safetensors",
         "genrefocus/prompt_embeds.safetensors": tiny / "prompt_embeds.safetensors",
+        "diffusion_models/not-flux-a-lora.safetensors": tiny / "bokehNet.safetensors",
     }
-    for rel, src in layout.items():
+    for rel, src in links.items():
         dest = models / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if src.exists():
-            os.symlink(src, dest)
+        if not src.exists():
+            pytest.fail(f"shared tiny weights missing: {src}")
+        os.symlink(src, dest)
+    for rel in PLACEHOLDERS:
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        (models / rel).write_bytes(b"")
     depth_pro_builder(models / "depth_pro")
 
 

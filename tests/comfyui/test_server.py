@@ -1,0 +1,249 @@
+"""Real ComfyUI server: the pack loads, every shipped workflow runs through /prompt (converted from
+its UI format here), bad graphs and failing nodes give the user ComfyUI's validation error or our
+message, progress and interrupt work per denoising step, and the server keeps serving."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PACK_NAME, ROOT, WORKFLOWS, WebSocketMessages, errors_of
+
+pytestmark = pytest.mark.comfyui
+
+OUR_NODES = {"GenRefocusScene", "GenRefocusApertureShape", "GenRefocusDefocusMap", "GenRefocusClassicalBokeh",
+             "GenRefocusDepthFromImage", "GenRefocusLoadDepthMap", "GenRefocusLoadDepthPro", "GenRefocusDepthEstimate",
+             "GenRefocusLoadModel", "GenRefocusTiledSampler", "GenRefocusDeblurNet", "GenRefocusBokehNet"}
+INPUT_SIZE = (120, 168)  # H, W: not multiples of 16, so padding and the exact crop back are exercised
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    """The server with input/example.png (the name the shipped workflows load): the test scene."""
+    sys.path.insert(0, str(ROOT))
+    from genrefocus_core.images import save_image
+    from genrefocus_core.scene import make_scene
+    image, _ = make_scene(*INPUT_SIZE, seed=3)
+    save_image(image[0], comfy_server.base / "input" / "example.png")
+    return comfy_server
+
+
+def _small_sampler(api: dict, steps: int = 3, **extra):
+    for node in api.values():
+        if node["class_type"] == "GenRefocusTiledSampler":
+            node["inputs"].update(steps=steps, **extra)
+
+
+def _check_image(server, item, size=INPUT_SIZE) -> np.ndarray:
+    arr = server.image(item)
+    assert arr.shape == (*size, 3), arr.shape
+    assert arr.std() > 1.0, "output image is flat"
+    return arr
+
+
+def test_pack_loads_with_every_node_and_tooltips(server):
+    info = server.object_info()
+    assert OUR_NODES <= set(info), sorted(OUR_NODES - set(info))
+    for name in OUR_NODES:
+        for section in ("required", "optional"):
+            for inp, spec in (info[name]["input"].get(section) or {}).items():
+                assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+    ext = server.get_json("/extensions")
+    assert f"/extensions/{PACK_NAME}/focus_picker.js" in ext
+    log = server.log_tail(10**7)
+    assert "GenRefocus: nodes in" not in log, log  # no node family disabled
+    flux = info["GenRefocusLoadModel"]["input"]["required"]["flux_model"][0]
+    assert "genrefocus-tiny-flux/diffusion_pytorch_model.safetensors" in flux
+    assert "deblurNet.safetensors" in info["GenRefocusLoadModel"]["input"]["required"]["deblur_lora"][0]
+    assert "depth-pro-tiny/model.safetensors" in info["GenRefocusLoadDepthPro"]["input"]["required"]["model_name"][0]
+    for d in ("genrefocus", "depth_pro"):
+        assert (server.base / "models" / d).is_dir()
+
+
+def test_classical_workflow_matches_the_core(server):
+    """The no-weights workflow as shipped: its saved PNG equals the same nodes run in this process."""
+    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    h = server.run(api)
+    assert h["status"]["status_str"] == "success", errors_of(h)
+    save_id = next(k for k, v in api.items() if v["class_type"] == "SaveImage")
+    (item,) = server.outputs_of(h, save_id)
+    got = _check_image(server, item, size=(512, 768))
+    # the same graph through the pack's node classes here
+    sys.path.insert(0, str(ROOT))
+    from nodes.aperture_nodes import GenRefocusApertureShape
+    from nodes.classical_nodes import GenRefocusClassicalBokeh
+    from nodes.defocus_nodes import GenRefocusDefocusMap
+    from nodes.scene_nodes import GenRefocusScene
+    by_type = {v["class_type"]: v["inputs"] for v in api.values()}
+    widgets = lambda t: {k: v for k, v in by_type[t].items() if not isinstance(v, list)}  # noqa: E731
+    image, depth, _ = GenRefocusScene().make(**widgets("GenRefocusScene"))
+    aperture, _ = GenRefocusApertureShape().make(**widgets("GenRefocusApertureShape"))
+    defocus = GenRefocusDefocusMap().build(depth, **widgets("GenRefocusDefocusMap"), image=image)["result"][0]
+    (expected,) = GenRefocusClassicalBokeh().render(image, defocus, aperture=aperture,
+                                                    **widgets("GenRefocusClassicalBokeh"))
+    want = (expected[0].numpy() * 255 + 0.5).astype(np.uint8)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1, diff.max()
+    # the blur is real: far from the focal plane the image differs from the sharp scene
+    assert np.abs(got.astype(int) - (image[0].numpy() * 255 + 0.5).astype(int)).mean() > 2.0
+
+
+@pytest.mark.parametrize("name", ["genrefocus_deblur_only.json", "genrefocus_full_refocus.json",
+                                  "genrefocus_highres_tiled_refocus.json"])
+def test_generative_workflow_on_tiny_weights(server, name):
+    api = server.workflow_api(name, tiny=True)
+    # tiles of 64 px (4x4 tokens) so that a small image is tiled like a large one is at 512 px
+    _small_sampler(api, steps=3, **({"tile_size": 64, "tile_overlap": 16} if "tiled" in name else {}))
+    h = server.run(api)
+    assert h["status"]["status_str"] == "success", json.dumps(errors_of(h))[:3000]
+    save_id = next(k for k, v in api.items() if v["class_type"] == "SaveImage")
+    (item,) = server.outputs_of(h, save_id)
+    _check_image(server, item)
+
+
+def test_txt2img_workflow_validates_and_its_refocus_half_runs(server):
+    """ComfyUI's FLUX nodes cannot run the tiny random FLUX (its loader needs FLUX.1's real sizes), so:
+    (1) the unmodified workflow passes the server's validation (HTTP 200) and fails only when a loader
+    reads a placeholder file; (2) with the generated image replaced by a loaded one, the GenRefocus
+    half of the same graph runs end to end on the tiny weights."""
+    name = "genrefocus_txt2img_then_refocus.json"
+    full = server.workflow_api(name)
+    st, resp = server.post_prompt(full)
+    assert st == 200, resp
+    h = server.wait(resp["prompt_id"])
+    errs = errors_of(h)
+    assert h["status"]["status_str"] == "error" and errs
+    assert errs[0]["node_type"] in ("UNETLoader", "DualCLIPLoader", "VAELoader", "GenRefocusLoadModel",
+                                    "GenRefocusLoadDepthPro"), errs[0]
+    api = server.workflow_api(name, tiny=True)
+    decode_id = next(k for k, v in api.items() if v["class_type"] == "VAEDecode")
+    comfy_flux = {"UNETLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "ConditioningZeroOut",
+                  "EmptySD3LatentImage", "KSampler"}
+    api = {k: v for k, v in api.items() if v["class_type"] not in comfy_flux}
+    api[decode_id] = {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
+    for node in api.values():
+        if node["class_type"] == "GenRefocusBokehNet":
+            node["inputs"]["sampler"] = ["990", 0]
+    api["990"] = {"class_type": "GenRefocusTiledSampler", "inputs": {
+        "steps": 3, "seed": 1234, "tiling": "off", "tile_size": 512, "tile_overlap": 64, "tile_batch": 1, "guidance": 0.0}}
+    h = server.run(api)
+    assert h["status"]["status_str"] == "success", json.dumps(errors_of(h))[:3000]
+    save_id = next(k for k, v in api.items() if v["class_type"] == "SaveImage")
+    (item,) = server.outputs_of(h, save_id)
+    _check_image(server, item)
+
+
+def _classical_ok(server, K: float):
+    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    for node in api.values():
+        if node["class_type"] == "GenRefocusScene":
+            node["inputs"].update(width=96, height=64)
+        if node["class_type"] == "GenRefocusDefocusMap":
+            node["inputs"]["K"] = K
+    h = server.run(api)
+    assert h["status"]["status_str"] == "success", errors_of(h)
+
+
+def test_bad_graphs_are_rejected_and_the_server_keeps_serving(server):
+    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    # only the output that depends on the broken node: with another valid output ComfyUI would run that
+    # part and answer 200 with node_errors; with none it rejects the graph with HTTP 400
+    api = {k: v for k, v in api.items() if v["class_type"] != "PreviewImage"}
+    scene_id = next(k for k, v in api.items() if v["class_type"] == "GenRefocusScene")
+    defocus_id = next(k for k, v in api.items() if v["class_type"] == "GenRefocusDefocusMap")
+    wrong_type = json.loads(json.dumps(api))
+    wrong_type[defocus_id]["inputs"]["depth"] = [scene_id, 0]  # an IMAGE into GENREFOCUS_DEPTH
+    st, resp = server.post_prompt(wrong_type)
+    assert st == 400, resp
+    errs = resp["node_errors"][defocus_id]["errors"]
+    assert errs[0]["type"] == "return_type_mismatch" and "depth" in json.dumps(errs[0])
+    missing = json.loads(json.dumps(api))
+    del missing[defocus_id]["inputs"]["depth"]
+    st, resp = server.post_prompt(missing)
+    assert st == 400 and resp["node_errors"][defocus_id]["errors"][0]["type"] == "required_input_missing"
+    bad_value = json.loads(json.dumps(api))
+    bad_value[defocus_id]["inputs"]["focus_mode"] = "somewhere"
+    st, resp = server.post_prompt(bad_value)
+    assert st == 400 and resp["node_errors"][defocus_id]["errors"][0]["type"] == "value_not_in_list"
+    _classical_ok(server, 11.0)
+
+
+def test_failing_nodes_show_our_message_and_the_server_keeps_serving(server):
+    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    defocus_id = next(k for k, v in api.items() if v["class_type"] == "GenRefocusDefocusMap")
+    api[defocus_id]["inputs"]["focus_mode"] = "mask"  # and no mask connected
+    h = server.run(api)
+    (err,) = errors_of(h)
+    assert err["node_id"] == defocus_id and err["exception_type"].endswith("InputError")
+    assert "no focus_mask is connected" in err["exception_message"]
+    # a LoRA file chosen as the FLUX model: the core's wrong-family message reaches the user
+    gen = server.workflow_api("genrefocus_deblur_only.json", tiny=True)
+    loader_id = next(k for k, v in gen.items() if v["class_type"] == "GenRefocusLoadModel")
+    gen[loader_id]["inputs"]["flux_model"] = "not-flux-a-lora.safetensors"
+    h = server.run(gen)
+    (err,) = errors_of(h)
+    assert err["node_type"] == "GenRefocusLoadModel" and err["exception_type"].endswith("ModelFileError"), err
+    assert "not-flux-a-lora.safetensors" in err["exception_message"]
+    assert "lora" in err["exception_message"].lower(), err["exception_message"]
+    # a placeholder (empty) file: a clear message naming the file
+    gen[loader_id]["inputs"]["flux_model"] = "flux1-dev.safetensors"
+    h = server.run(gen)
+    (err,) = errors_of(h)
+    assert "flux1-dev.safetensors" in err["exception_message"], err
+    _classical_ok(server, 12.0)
+
+
+def test_progress_per_step_and_interrupt_between_steps(server):
+    ws = WebSocketMessages(server.port)
+    try:
+        api = server.workflow_api("genrefocus_deblur_only.json", tiny=True)
+        deblur_id = next(k for k, v in api.items() if v["class_type"] == "GenRefocusDeblurNet")
+        api["990"] = {"class_type": "GenRefocusTiledSampler", "inputs": {
+            "steps": 7, "seed": 5, "tiling": "off", "tile_size": 512, "tile_overlap": 64, "tile_batch": 1,
+            "guidance": 0.0}}
+        api[deblur_id]["inputs"]["sampler"] = ["990", 0]
+        h = server.run(api, client_id=ws.client_id)
+        assert h["status"]["status_str"] == "success", errors_of(h)
+        time.sleep(0.5)
+        steps = [(p["value"], p["max"]) for p in ws.of_type("progress") if p.get("node") == deblur_id]
+        assert steps == [(i, 7) for i in range(1, 8)], steps
+        # interrupt: a long run stops after the current step
+        api["990"]["inputs"].update(steps=200, seed=6)
+        st, resp = server.post_prompt(api, ws.client_id)
+        assert st == 200
+        end = time.time() + 120
+        while not [p for p in ws.of_type("progress") if p.get("node") == deblur_id and p["max"] == 200]:
+            assert time.time() < end, "no progress message"
+            time.sleep(0.05)
+        server.request("POST", "/interrupt", {})
+        h = server.wait(resp["prompt_id"], timeout=120)
+        kinds = [k for k, _ in h["status"]["messages"]]
+        assert "execution_interrupted" in kinds, kinds
+        done = [p["value"] for p in ws.of_type("progress") if p.get("node") == deblur_id and p["max"] == 200]
+        assert max(done) < 60, max(done)
+    finally:
+        ws.close()
+    _classical_ok(server, 13.0)
+
+
+def test_comfyui_tokenizer_gives_the_reference_padding():
+    """The node encodes the stage prompts with ComfyUI's FLUX tokenizer and t5xxl_min_length=512 (the
+    reference pads T5 to 512 tokens); check that option with this ComfyUI's real tokenizers."""
+    from conftest import comfy_dir
+    code = ("import sys; sys.argv = [sys.argv[0], '--cpu']; sys.path.insert(0, '.'); "
+            "import comfy.options; comfy.options.enable_args_parsing(); "
+            "from comfy.text_encoders.flux import FluxTokenizer; "
+            "t = FluxTokenizer().tokenize_with_weights('an excellent photo with a large aperture', "
+            "tokenizer_options={'t5xxl_min_length': 512}); "
+            "print(len(t['t5xxl'][0]), len(t['l'][0]))")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, "-c", code], cwd=comfy_dir(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["512", "77"], out.stdout
