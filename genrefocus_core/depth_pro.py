@@ -388,14 +388,15 @@ def _focal_override(focal_px, batch: int) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def estimate_depth(model, image, focal_px=None, max_batch: int = 1) -> DepthResult:
+def estimate_depth(model, image, focal_px=None, max_batch: int = 1, callback=None) -> DepthResult:
     """Metric depth of `image` ([B, H, W, 3] float in [0, 1], or anything `to_image_batch` takes).
 
     Any size and aspect ratio: the network sees the image squeezed to its square working resolution
     and the depth is resized back to (H, W), as Apple's and transformers' pipelines do.
     focal_px: optional known focal length in pixels (e.g. from EXIF), one value or one per image;
       it replaces the estimated one in the metric scale (Apple's `f_px`).
-    max_batch: images per forward pass (each image is 35 ViT-L passes at 1536 px; 1 keeps memory low).
+    max_batch: images per forward pass (each image is 37 ViT-L passes of 384 px; 1 keeps memory low).
+    callback: optional callback(done_images, total_images) after each pass; it may raise to cancel.
     Returns a DepthResult on the input's device, float32.
     """
     images = to_image_batch(image)
@@ -438,14 +439,16 @@ def estimate_depth(model, image, focal_px=None, max_batch: int = 1) -> DepthResu
         depths.append(depth.to(out_device))
         focals.append(focal.to(out_device))
         fovs.append(fov.to(out_device))
+        if callback is not None:
+            callback(min(start + max_batch, batch), batch)
     return DepthResult(depth_m=torch.cat(depths), focal_px=torch.cat(focals), fov_deg=torch.cat(fovs))
 
 
 def estimate_depth_from_file(path, image, device=None, dtype=None, focal_px: float | Sequence[float] | None = None,
-                             max_batch: int = 1, config=None) -> DepthResult:
+                             max_batch: int = 1, config=None, callback=None) -> DepthResult:
     """Load Depth Pro, estimate the depth of `image`, release the model (one-shot use, e.g. the CLI)."""
     with depth_pro_loaded(path, device=device, dtype=dtype, config=config) as model:
-        return estimate_depth(model, image, focal_px=focal_px, max_batch=max_batch)
+        return estimate_depth(model, image, focal_px=focal_px, max_batch=max_batch, callback=callback)
 
 
 def fov_to_focal_px(fov_deg: float, width_px: int) -> float:

@@ -304,6 +304,15 @@ def test_shapes_any_aspect_ratio_and_batch(tiny_model, images):
         r = estimate_depth(tiny_model, torch.rand(1, h, w, 3))
         assert r.depth_m.shape == (1, h, w) and torch.isfinite(r.depth_m).all()
     assert torch.allclose(result.disparity(), 1.0 / result.depth_m)
+    # progress after every pass; a callback that raises cancels
+    calls = []
+    estimate_depth(tiny_model, torch.rand(3, 20, 20, 3), max_batch=2, callback=lambda d, t: calls.append((d, t)))
+    assert calls == [(2, 3), (3, 3)]
+
+    def cancel(done, total):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        estimate_depth(tiny_model, torch.rand(2, 20, 20, 3), callback=cancel)
 
 
 class _FakeDepthPro(torch.nn.Module):
