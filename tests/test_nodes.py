@@ -312,3 +312,229 @@ def test_defocus_map_lens_and_errors(pack):
         node.build(torch.zeros(1, 4, 4), **DEFAULTS)
     zero = node.build(_depth(pack, disp), **{**DEFAULTS, "K": 0.0})["result"][0]
     assert zero.defocus_px.abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------- workflows
+WORKFLOW_DIR = ROOT / "workflows"
+EXPECTED_WORKFLOWS = {"genrefocus_classical_shaped_bokeh.json", "genrefocus_full_refocus.json",
+                      "genrefocus_txt2img_then_refocus.json", "genrefocus_highres_tiled_refocus.json",
+                      "genrefocus_deblur_only.json"}
+
+
+def test_workflows_match_the_nodes(pack):
+    """Every shipped workflow: UI format, our nodes exist, widget values fit INPUT_TYPES (count, combo
+    choices, numeric ranges), links connect matching types. Catches drift between nodes and workflows."""
+    sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
+    from ui_to_api import widget_inputs
+    assert {p.name for p in WORKFLOW_DIR.glob("*.json")} == EXPECTED_WORKFLOWS
+    classes = pack.NODE_CLASS_MAPPINGS
+    for path in WORKFLOW_DIR.glob("*.json"):
+        ui = json.loads(path.read_text())
+        assert {"nodes", "links", "version"} <= set(ui), path.name
+        nodes = {n["id"]: n for n in ui["nodes"]}
+        for link in ui["links"]:
+            _, src, src_slot, dst, dst_slot, typ = link
+            assert nodes[src]["outputs"][src_slot]["type"] == typ, (path.name, link)
+            assert nodes[dst]["inputs"][dst_slot]["type"] == typ, (path.name, link)
+            assert nodes[dst]["inputs"][dst_slot]["link"] == link[0]
+        ours = [n for n in ui["nodes"] if n["type"].startswith("GenRefocus")]
+        assert ours, path.name
+        for n in ours:
+            cls = classes[n["type"]]
+            info = {"input": cls.INPUT_TYPES()}
+            expected = widget_inputs(info)
+            values = n["widgets_values"]
+            assert len(values) == len(expected) + sum(e for _, _, e in expected), (path.name, n["type"])
+            i = 0
+            for name, spec, extra in expected:
+                v = values[i]
+                if isinstance(spec[0], list) and spec[0] and not name.endswith(("_model", "_name", "_lora",
+                                                                                  "prompt_embeddings", "depth_file")):
+                    assert v in spec[0], (path.name, n["type"], name, v)
+                elif spec[0] in ("INT", "FLOAT"):
+                    assert spec[1]["min"] <= v <= spec[1]["max"], (path.name, n["type"], name, v)
+                i += 1 + extra
+            required = [k for k, s in cls.INPUT_TYPES()["required"].items() if not _widget(s)]
+            linked = {inp["name"] for inp in n["inputs"] if inp.get("link") is not None}
+            assert set(required) <= linked, (path.name, n["type"], set(required) - linked)
+
+
+def _widget(spec):
+    return isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def test_ui_to_api_converter():
+    sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
+    from ui_to_api import convert
+    info = {"A": {"input": {"required": {"x": ["INT", {"default": 1, "min": 0, "max": 9, "control_after_generate": True}],
+                                         "img": ["IMAGE", {}], "mode": [["a", "b"], {}]},
+                            "optional": {"f": ["FLOAT", {"default": 0.5, "min": 0, "max": 1}]}}},
+            "B": {"input": {"required": {"image": [["p.png"], {"image_upload": True}]}}}}
+    ui = {"nodes": [
+        {"id": 1, "type": "B", "mode": 0, "inputs": [], "outputs": [{"type": "IMAGE"}], "widgets_values": ["p.png", "image"]},
+        {"id": 2, "type": "Reroute", "inputs": [{"name": "", "type": "*", "link": 1}], "outputs": [{"type": "*"}]},
+        {"id": 3, "type": "A", "mode": 0, "inputs": [{"name": "img", "type": "IMAGE", "link": 2}],
+         "widgets_values": [7, "fixed", "b", 0.25]},
+        {"id": 4, "type": "MarkdownNote", "widgets_values": ["hi"]},
+        {"id": 5, "type": "A", "mode": 2, "inputs": [], "widgets_values": [1, "fixed", "a", 0.5]},
+    ], "links": [[1, 1, 0, 2, 0, "IMAGE"], [2, 2, 0, 3, 0, "IMAGE"]]}
+    api = convert(ui, info)
+    assert api == {"1": {"class_type": "B", "inputs": {"image": "p.png"}, "_meta": {"title": "B"}},
+                   "3": {"class_type": "A", "inputs": {"x": 7, "mode": "b", "f": 0.25, "img": ["1", 0]},
+                         "_meta": {"title": "A"}}}
+
+
+def test_pyproject_matches_requirements():
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    reqs = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert sorted(project["project"]["dependencies"]) == sorted(r for r in reqs if r)
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and "web" in comfy["includes"]
+
+
+# ---------------------------------------------------------------------------------------- scene, aperture, classical
+def test_scene_aperture_classical_nodes(pack):
+    from genrefocus_core.errors import InputError
+    image, depth, preview = _node(pack, "GenRefocusScene").make(96, 64, 1)
+    assert image.shape == (1, 64, 96, 3) and depth.disparity.shape == (1, 64, 96) and depth.metric
+    assert preview.shape == (1, 64, 96, 3)
+    shape = _node(pack, "GenRefocusApertureShape")
+    args = dict(blades=6, rotation_deg=0.0, curvature=0.0, star_points=5, star_inner_ratio=0.5, cat_eye_strength=0.5,
+                cat_eye_direction_deg=0.0, preview_size=64)
+    areas = {}
+    for s in sub(pack, "aperture_nodes").SHAPE_CHOICES[:-1]:
+        ap, prev = shape.make(s, **args)
+        assert prev.shape == (1, 64, 64, 3)
+        areas[s] = float(prev.mean())
+    assert areas["circle"] > areas["polygon"] > areas["triangle"] > 0.05
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 4:28, 12:20] = 1.0  # a tall bar
+    ap, prev = shape.make("custom", **args, custom_mask=mask)
+    opening = prev[0, :, :, 0] > 0.5
+    height, width = int(opening.any(1).sum()), int(opening.any(0).sum())
+    assert height > 2 * width  # the tall bar stays tall
+    ap_img, _ = shape.make("custom", **args, custom_image=mask[..., None].expand(1, 32, 32, 3))
+    with pytest.raises(InputError, match="custom"):
+        shape.make("custom", **args)
+    with pytest.raises(InputError, match="empty"):
+        shape.make("custom", **args, custom_mask=torch.zeros(1, 8, 8))
+    # classical bokeh: batch of focus settings over one image; K = 0 is the identity
+    defocus_node = _node(pack, "GenRefocusDefocusMap")
+    both = sub(pack, "common").DepthMaps(disparity=depth.disparity.expand(2, -1, -1).clone(), metric=True, source="t")
+    data = defocus_node.build(both, **{**DEFAULTS, "focus_mode": "value", "focus_disparity": 0.3})["result"][0]
+    bokeh = _node(pack, "GenRefocusClassicalBokeh")
+    (out,) = bokeh.render(image, data, 0.0, 0.9, "srgb", aperture=ap)
+    assert out.shape == (2, 64, 96, 3) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    assert (out - image).abs().mean() > 0.005
+    zero = defocus_node.build(depth, **{**DEFAULTS, "K": 0.0})["result"][0]
+    (same,) = bokeh.render(image, zero, 0.0, 0.9, "srgb")
+    assert torch.equal(same, image)
+    with pytest.raises(InputError, match="Defocus Map"):
+        bokeh.render(image, torch.zeros(1, 64, 96), 0.0, 0.9, "srgb")
+    with pytest.raises(InputError, match="Batch"):
+        bokeh.render(torch.rand(3, 64, 96, 3), data, 0.0, 0.9, "srgb")
+
+
+# ---------------------------------------------------------------------------------------- generative (tiny)
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("models")
+    for rel, src in {"diffusion_models/tiny-flux": tiny_dir / "pipeline" / "transformer",
+                     "vae/tiny-ae": tiny_dir / "pipeline" / "vae",
+                     "genrefocus/deblurNet.safetensors": tiny_dir / "deblurNet.safetensors",
+                     "genrefocus/bokehNet.safetensors": tiny_dir / "bokehNet.safetensors",
+                     "genrefocus/prompt_embeds.safetensors": tiny_dir / "prompt_embeds.safetensors"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(src)
+    return root
+
+
+LOAD_ARGS = dict(flux_model="tiny-flux/diffusion_pytorch_model.safetensors",
+                 vae_name="tiny-ae/diffusion_pytorch_model.safetensors", deblur_lora="deblurNet.safetensors",
+                 bokeh_lora="bokehNet.safetensors", pre_deblur_lora="none", aperture_lora="none",
+                 prompt_embeddings="prompt_embeds.safetensors", memory_mode="auto")
+
+
+def test_generative_nodes_tiny(pack, tiny_models, monkeypatch):
+    from genrefocus_core.errors import InputError, MissingModelFileError
+    monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(tiny_models))
+    gen = sub(pack, "generative_nodes")
+    loader = gen.GenRefocusLoadModel
+    req = loader.INPUT_TYPES()["required"]
+    assert req["flux_model"][0] == ["tiny-flux/diffusion_pytorch_model.safetensors"]
+    assert req["deblur_lora"][0][0] == "none" and "bokehNet.safetensors" in req["bokeh_lora"][0]
+    (model,) = loader().load(**LOAD_ARGS)
+    assert model.memory_mode == "fp32" and set(model.pipeline.adapters) == {"deblurring", "bokeh"}
+    (again,) = loader().load(**LOAD_ARGS)
+    assert again is model  # cached between runs
+    (fewer,) = loader().load(**{**LOAD_ARGS, "deblur_lora": "none"})
+    assert fewer is model and model.pipeline.adapters == ["bokeh"]  # adapters swapped, FLUX kept
+    (model,) = loader().load(**LOAD_ARGS)
+    (sampler,) = gen.GenRefocusTiledSampler().make(2, 7, "off", 512, 64, 1, 0.0)
+    assert sampler.steps == 2 and sampler.seed == 7 and sampler.tiled is False and sampler.guidance is None
+    (tiles,) = gen.GenRefocusTiledSampler().make(2, 7, "on", 64, 16, 2, 2.5)
+    assert (tiles.tile_size, tiles.tile_overlap, tiles.tile_batch, tiles.guidance) == (4, 1, 2, 2.5)
+    with pytest.raises(InputError, match="multiple of 16"):
+        gen.GenRefocusTiledSampler().make(2, 7, "on", 72, 16, 1, 0.0)
+    calls = []
+    progress = sub(pack, "comfy_bridge").StepProgress
+
+    class Recorder(progress):
+        def __call__(self, step, total, latents=None):
+            calls.append((step, total))
+            super().__call__(step, total, latents)
+    monkeypatch.setattr(sub(pack, "comfy_bridge"), "StepProgress", Recorder)
+    image = torch.rand(2, 72, 88, 3)
+    (aif,) = gen.GenRefocusDeblurNet().deblur(model, image, "auto", sampler=sampler)
+    assert aif.shape == (2, 72, 88, 3) and torch.isfinite(aif).all()
+    assert calls == [(1, 2), (2, 2)]
+    (aif2,) = gen.GenRefocusDeblurNet().deblur(model, image, "auto", sampler=sampler)
+    assert torch.equal(aif, aif2)  # the seed fixes the noise
+    depth = sub(pack, "common").DepthMaps(disparity=torch.linspace(0.1, 1, 88).expand(1, 72, 88).clone(),
+                                          metric=True, source="t")
+    defocus = _node(pack, "GenRefocusDefocusMap").build(depth, **DEFAULTS)["result"][0]
+    (out,) = gen.GenRefocusBokehNet().refocus(model, aif, defocus, sampler=tiles)
+    assert out.shape == (2, 72, 88, 3) and (out - aif).abs().mean() > 1e-3
+    zero = _node(pack, "GenRefocusDefocusMap").build(depth, **{**DEFAULTS, "K": 0.0})["result"][0]
+    (same,) = gen.GenRefocusBokehNet().refocus(model, aif, zero)
+    assert torch.equal(same, aif)
+    with pytest.raises(InputError, match="Load GenRefocus"):
+        gen.GenRefocusDeblurNet().deblur(object(), image, "auto")
+    with pytest.raises(InputError, match="prompt"):
+        loader().load(**{**LOAD_ARGS, "prompt_embeddings": "none"})
+    with pytest.raises(InputError, match="at least one LoRA"):
+        loader().load(**{**LOAD_ARGS, "deblur_lora": "none", "bokeh_lora": "none"})
+    with pytest.raises(MissingModelFileError) as e:
+        loader().load(**{**LOAD_ARGS, "vae_name": "ae.safetensors"})
+    assert "ae.safetensors" in str(e.value) and "vae" in str(e.value)
+
+
+class FakeComfyClip:
+    """ComfyUI's CLIP interface as the loader node uses it (tokenize / encode_from_tokens)."""
+
+    def __init__(self, honour_min_length=True, flux=True):
+        self.honour, self.flux, self.options = honour_min_length, flux, None
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        self.options = kwargs.get("tokenizer_options", {})
+        n = self.options.get("t5xxl_min_length", 256) if self.honour else 256
+        return {"l": [[(1, 1.0)] * 77], "t5xxl": [[(0, 1.0)] * n]} if self.flux else {"l": [[(1, 1.0)] * 77]}
+
+    def encode_from_tokens(self, tokens, return_pooled=False):
+        n = len(tokens["t5xxl"][0]) if "t5xxl" in tokens else 77
+        return torch.full((1, n, 8), 0.5), torch.ones(1, 4)
+
+
+def test_encode_with_comfy_clip(pack):
+    from genrefocus_core.errors import InputError
+    gen = sub(pack, "generative_nodes")
+    clip = FakeComfyClip()
+    emb = gen.encode_with_comfy_clip(clip, "a sharp photo with everything in focus")
+    assert clip.options == {"t5xxl_min_length": 512}
+    assert emb.prompt_embeds.shape == (1, 512, 8) and emb.pooled.shape == (1, 4)
+    assert emb.text_ids.shape == (512, 3) and not emb.text_ids.any()
+    with pytest.raises(InputError, match="t5xxl_min_length"):
+        gen.encode_with_comfy_clip(FakeComfyClip(honour_min_length=False), "x")
+    with pytest.raises(InputError, match="DualCLIPLoader"):
+        gen.encode_with_comfy_clip(FakeComfyClip(flux=False), "x")
