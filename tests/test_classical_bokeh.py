@@ -1,0 +1,232 @@
+"""Physics and input handling of the classical renderer on small synthetic scenes."""
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from genrefocus_core import apertures
+from genrefocus_core.classical_bokeh import (build_levels, level_weights, linear_to_srgb, render_bokeh,
+                                             srgb_to_linear)
+from genrefocus_core.errors import InputError
+
+
+def _dot_scene(size, radius, value=1.0, at=None):
+    """A single bright pixel on a black card at uniform signed defocus `radius`."""
+    img = torch.zeros(1, size, size, 3)
+    cy, cx = at or (size // 2, size // 2)
+    img[0, cy, cx] = value
+    return img, torch.full((1, size, size), float(radius)), (cy, cx)
+
+
+def _support(out, centre, radius):
+    """Half-maximum support of a rendered point (plateau = median of the core), like measure.py."""
+    o = out[0].mean(-1).double()
+    cy, cx = centre
+    yy, xx = torch.meshgrid(torch.arange(o.shape[0]), torch.arange(o.shape[1]), indexing="ij")
+    dx, dy = (xx - cx).double(), (yy - cy).double()
+    core = torch.hypot(dx, dy) <= max(0.5 * radius, 0.5)
+    plateau = o[core].median()
+    return o >= 0.5 * plateau, dx, dy
+
+
+@pytest.mark.parametrize("ap", [apertures.circle(), apertures.polygon(6), apertures.triangle(), apertures.star(5, 0.5)],
+                         ids=["circle", "hexagon", "triangle", "star"])
+@pytest.mark.parametrize("radius", [-3.0, 7.4, -12.6, 27.3])
+def test_point_light_gives_the_aperture_at_the_right_radius(ap, radius):
+    img, defocus, c = _dot_scene(112, radius)
+    out = render_bokeh(img, defocus_px=defocus, aperture=ap, colorspace="linear", flip_front=False)
+    support, dx, dy = _support(out, c, abs(radius))
+    expected = ap.inside(dx, dy, abs(radius) + 1e-3)  # pixel centres on the outline count as inside
+    iou = float((support & expected).sum() / (support | expected).sum())
+    assert iou >= 0.97, iou
+    r_meas = math.sqrt(float(support.sum()) / ap.area_unit())
+    assert abs(r_meas - abs(radius)) < 0.35
+    # energy of the light is conserved
+    assert float(out.sum()) == pytest.approx(3.0, abs=2e-3)
+
+
+def test_sub_pixel_radius_is_continuous():
+    """Radii between depth levels move the outline smoothly (mean radius error over a sweep)."""
+    errs = []
+    for r in np.linspace(9.0, 30.0, 9):
+        img, defocus, c = _dot_scene(160, -r)  # far from the borders (their coverage is renormalised)
+        out = render_bokeh(img, defocus_px=defocus, colorspace="linear")
+        support, dx, dy = _support(out, c, r)
+        lattice = float(apertures.circle().inside(dx, dy, r).sum())  # pixel-centre count of the exact disc
+        errs.append(abs(math.sqrt(float(support.sum()) / math.pi) - math.sqrt(lattice / math.pi)))
+    assert np.mean(errs) < 0.06 and max(errs) < 0.25, errs  # level spacing here is 1-4 px
+
+
+def test_front_bokeh_is_the_shape_turned_180_degrees():
+    ap = apertures.heart()
+    img, defocus, c = _dot_scene(65, 10.0)
+    front = render_bokeh(img, defocus_px=defocus, aperture=ap, colorspace="linear")
+    back = render_bokeh(img, defocus_px=-defocus, aperture=ap, colorspace="linear")
+    assert torch.allclose(front[0], torch.flip(back[0], dims=(0, 1)), atol=1e-6)
+    assert not torch.allclose(front, back, atol=1e-3)
+
+
+def _two_planes(size=96, fg_value=0.15, bg_value=0.85, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    fg = fg_value + 0.05 * torch.rand(size, size, 3, generator=g)
+    bg = bg_value + 0.1 * torch.rand(size, size, 3, generator=g)
+    mask = torch.zeros(size, size)
+    mask[:, : size // 2] = 1.0
+    img = torch.where(mask[..., None] > 0, fg, bg)[None]
+    return img, mask, fg, bg
+
+
+def test_in_focus_foreground_receives_no_light_from_behind():
+    img, mask, _, _ = _two_planes()
+    disp = torch.where(mask > 0, 0.8, 0.3)[None]
+    out = render_bokeh(img, disp, 0.8, 40.0, colorspace="linear")  # bg blurred by r = 20
+    fg = mask[None, ..., None].expand_as(out) > 0
+    assert torch.equal(out[fg], img[fg])  # exactly unchanged, even right at the edge
+    # the background is blurred and does not darken from the foreground (no dark halo)
+    band = out[0, 10:-10, 50:60].mean()
+    assert float(band) > 0.85
+
+
+def test_blurred_foreground_spills_over_sharp_background():
+    size, r = 128, 12.0
+    img, mask, fg, bg = _two_planes(size)
+    disp = torch.where(mask > 0, 0.8, 0.5)[None]
+    out = render_bokeh(img, disp, 0.5, r / 0.3, colorspace="linear")
+    # exact layered answer for the visible background: (M*FG) (*) A + (1 - M (*) A) * BG
+    k = apertures.circle().kernel(r).double()
+    pad = k.shape[0] // 2
+    conv = lambda x: torch.nn.functional.conv2d(x.permute(2, 0, 1)[:, None].double(), k[None, None],
+                                                padding=pad)[:, 0].permute(1, 2, 0)
+    mb = conv(mask[..., None])
+    gt = conv(mask[..., None] * fg) + (1 - mb) * bg
+    cols = slice(size // 2, size // 2 + int(r))
+    rows = slice(int(r) + 2, size - int(r) - 2)
+    num = (out[0, rows, cols].double() - bg[rows, cols]).abs().mean()
+    den = (gt[rows, cols] - bg[rows, cols]).abs().mean()
+    assert 0.9 <= float(num / den) <= 1.1
+    # beyond the blur radius the in-focus background is untouched
+    far = slice(size // 2 + int(r) + 3, size)
+    assert float((out[0, rows, far] - img[0, rows, far]).abs().max()) < 1e-4
+
+
+def test_identity_cases_are_exact():
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(1, 40, 56, 3, generator=g)
+    disp = torch.rand(1, 40, 56, generator=g)
+    assert torch.equal(render_bokeh(img, disp, 0.5, 0.0), img)
+    assert torch.equal(render_bokeh(img, torch.full_like(disp, 0.3), 0.3, 50.0), img)
+    assert torch.equal(render_bokeh(img, None, None, 0.0), img)
+    # radii below half a pixel are in focus
+    assert torch.equal(render_bokeh(img, defocus_px=torch.full((1, 40, 56), 0.45)), img)
+
+
+@pytest.mark.parametrize("colorspace", ["srgb", "linear"])
+def test_flat_field_stays_flat_including_borders(colorspace):
+    img = torch.tensor([0.7, 0.4, 0.2]).expand(1, 64, 80, 3).contiguous()
+    out = render_bokeh(img, defocus_px=torch.full((1, 64, 80), -15.5), colorspace=colorspace)
+    assert float((out - img).abs().max()) < 1e-3
+
+
+def test_all_equal_depth_with_default_focus_is_identity():
+    g = torch.Generator().manual_seed(2)
+    img = torch.rand(1, 24, 24, 3, generator=g)
+    assert torch.equal(render_bokeh(img, torch.full((1, 24, 24), 0.25), None, 30.0), img)
+
+
+def test_srgb_round_trip():
+    x = torch.linspace(0, 1, 1001)
+    assert float((linear_to_srgb(srgb_to_linear(x)) - x).abs().max()) < 1e-5
+
+
+def test_highlight_boost_brightens_blurred_highlights_only():
+    img, defocus, c = _dot_scene(64, -8.0, value=1.0)
+    img[0, 5, 5] = 0.95  # an in-focus highlight
+    defocus[0, :16, :16] = 0.0
+    plain = render_bokeh(img, defocus_px=defocus)
+    boosted = render_bokeh(img, defocus_px=defocus, highlight_boost=3.0)
+    assert float(boosted[0, c[0], c[1]].mean()) > 1.5 * float(plain[0, c[0], c[1]].mean())
+    assert torch.equal(boosted[0, 5, 5], img[0, 5, 5])
+
+
+def test_batch_matches_single_images():
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(2, 48, 40, 3, generator=g)
+    disp = torch.rand(2, 48, 40, generator=g)
+    both = render_bokeh(img, disp, [0.3, 0.7], 20.0)
+    for b, f in enumerate((0.3, 0.7)):
+        one = render_bokeh(img[b:b + 1], disp[b:b + 1], f, 20.0)
+        assert torch.allclose(both[b], one[0], atol=1e-5)
+
+
+def test_size_mismatch_is_resized_with_a_warning(caplog):
+    img = torch.rand(1, 40, 60, 3)
+    disp = torch.rand(1, 20, 30)
+    with caplog.at_level(logging.WARNING):
+        out = render_bokeh(img, disp, 0.5, 10.0)
+    assert out.shape == img.shape
+    assert "resizing" in caplog.text
+
+
+def test_nan_and_inf_disparity(caplog):
+    img = torch.rand(1, 32, 32, 3)
+    disp = torch.rand(1, 32, 32)
+    disp[0, 3, 4] = float("nan")
+    disp[0, 5, 6] = float("inf")
+    with caplog.at_level(logging.WARNING):
+        out = render_bokeh(img, disp, 0.5, 10.0)
+    assert torch.isfinite(out).all() and "NaN" in caplog.text
+    with pytest.raises(InputError):
+        render_bokeh(img, torch.full((1, 32, 32), float("nan")), 0.5, 10.0)
+    with pytest.raises(InputError):
+        render_bokeh(img, defocus_px=torch.full((1, 32, 32), float("nan")))
+    with pytest.raises(InputError):
+        render_bokeh(img, disp, float("nan"), 10.0)
+
+
+def test_bad_settings_are_clear_errors():
+    img = torch.rand(1, 16, 16, 3)
+    disp = torch.rand(1, 16, 16)
+    for kwargs in (dict(K=-1.0), dict(K=float("inf")), dict(K=5.0, colorspace="rgb"), dict(K=5.0, quality="max"),
+                   dict(K=5.0, highlight_boost=-1), dict(K=5.0, aperture="circle")):
+        with pytest.raises(InputError):
+            render_bokeh(img, disp, 0.5, **kwargs)
+    with pytest.raises(InputError):
+        render_bokeh(img, None, None, 5.0)  # blur without depth
+
+
+def test_huge_blur_is_capped_with_a_warning(caplog):
+    img = torch.rand(1, 64, 48, 3)
+    disp = torch.rand(1, 64, 48)
+    with caplog.at_level(logging.WARNING):
+        out = render_bokeh(img, disp, 0.5, 1e6)
+    assert "capped" in caplog.text
+    assert out.shape == img.shape and torch.isfinite(out).all()
+    # capped radius: the level ladder stays short (memory and time bounded)
+    assert len(build_levels(32.0, apertures.circle())) < 40
+
+
+def test_one_pixel_and_thin_images():
+    px = torch.tensor([[[[0.2, 0.5, 0.9]]]])
+    assert torch.allclose(render_bokeh(px, torch.tensor([[[0.1]]]), 0.9, 20.0), px, atol=1e-5)
+    line = torch.rand(1, 1, 50, 3)
+    out = render_bokeh(line, torch.linspace(0, 1, 50)[None, None], 0.0, 10.0)
+    assert out.shape == line.shape and torch.isfinite(out).all()
+
+
+def test_large_image_stays_fast():
+    img = torch.rand(1, 1536, 2048, 3)
+    disp = torch.linspace(0, 1, 2048).expand(1, 1536, 2048)
+    out = render_bokeh(img, disp, 0.5, 6.0, quality="fast")
+    assert out.shape == img.shape
+
+
+def test_level_weights_put_half_maximum_at_the_radius():
+    levels = build_levels(40.0, apertures.circle())
+    r = torch.tensor([[[0.2, 0.7, 1.0, 3.3, 17.9, 40.0]]])
+    lo, w_lo, w_hi = level_weights(r, levels)
+    assert torch.allclose(w_lo + w_hi, torch.ones_like(w_lo))
+    assert float(w_hi[0, 0, 0]) == 0.0 and int(lo[0, 0, 0]) == 0  # in focus
+    radii = torch.tensor([lv.radius for lv in levels])
+    assert bool(((radii[lo] <= r + 1e-6) & (r <= radii[lo + 1] + 1e-6)).all())
