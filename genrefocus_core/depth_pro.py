@@ -139,7 +139,8 @@ def _torch_load(path: Path) -> dict:
                 f"{path} was refused: it is a pickle that asks to run code or build objects other than tensors, "
                 "so it is not a plain weights file (never load such a file with weights_only=False). "
                 "Use the released depth_pro.pt.") from None
-        raise ModelFileError(f"{path} is not a PyTorch checkpoint ({msg.splitlines()[0] if msg else 'unpickling failed'}).") from None
+        reason = msg.splitlines()[0] if msg else "unpickling failed"
+        raise ModelFileError(f"{path} is not a PyTorch checkpoint ({reason}).") from None
     except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as e:
         first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
         raise ModelFileError(f"{path} is not a readable PyTorch checkpoint, or it is truncated/corrupt "
@@ -240,7 +241,8 @@ def _config_from(config, fallback: Path):
         return DepthProConfig.from_dict(config)
     if getattr(config, "model_type", None) == "depth_pro":
         return config
-    raise InputError(f"config: expected a path to config.json, a dict or a DepthProConfig, got {type(config).__name__}.")
+    raise InputError("config: expected a path to config.json, a dict or a DepthProConfig, "
+                     f"got {type(config).__name__}.")
 
 
 def _checked_state(path, config) -> tuple[dict, torch.nn.Module, str, bool]:
@@ -280,7 +282,9 @@ def _write_hf_folder(state: dict, config, out: Path, source_name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(tmp / HF_WEIGHTS),
+    # the split q/k/v are views of one fused tensor: safetensors needs them as separate storages
+    tensors = {k: v.clone() if v._base is not None else v.contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp / HF_WEIGHTS),
               metadata={"format": "pt", "converted_from": source_name})
     config.to_json_file(str(tmp / "config.json"))
     if out.exists():
@@ -454,5 +458,6 @@ def estimate_depth_from_file(path, image, device=None, dtype=None, focal_px: flo
 def fov_to_focal_px(fov_deg: float, width_px: int) -> float:
     """Horizontal field of view in degrees -> focal length in pixels for an image `width_px` wide."""
     if not (0.0 < fov_deg < 180.0) or width_px <= 0:
-        raise InputError(f"Field of view must lie in (0, 180) degrees and the width be positive, got {fov_deg}, {width_px}.")
+        raise InputError("Field of view must lie in (0, 180) degrees and the width be positive, "
+                         f"got {fov_deg}, {width_px}.")
     return 0.5 * width_px / math.tan(math.radians(fov_deg) / 2.0)

@@ -108,7 +108,8 @@ def apple_key_to_hf(key: str) -> list[str] | None:
         (r"decoder\.fusions\.([0-4])\.resnet([12])\.residual\.([13])\.(weight|bias)",
          lambda m: f"{_fusion_name(int(m[1]))}.residual_layer{m[2]}.convolution{(int(m[3]) + 1) // 2}.{m[4]}"),
         (r"decoder\.fusions\.([1-4])\.deconv\.weight", lambda m: f"{_fusion_name(int(m[1]))}.deconv.weight"),
-        (r"decoder\.fusions\.([0-4])\.out_conv\.(weight|bias)", lambda m: f"{_fusion_name(int(m[1]))}.projection.{m[2]}"),
+        (r"decoder\.fusions\.([0-4])\.out_conv\.(weight|bias)",
+         lambda m: f"{_fusion_name(int(m[1]))}.projection.{m[2]}"),
         (r"head\.(\d+)\.(weight|bias)", lambda m: f"head.layers.{m[1]}.{m[2]}"),
         (r"fov\.encoder\.1\.(weight|bias)", lambda m: f"fov_model.fov_encoder.neck.{m[1]}"),
         (r"fov\.downsample\.0\.(weight|bias)", lambda m: f"fov_model.conv.{m[1]}"),
@@ -225,8 +226,8 @@ def convert_apple_state_dict(state_dict: Mapping[str, torch.Tensor],
             parts = (tensor,)
         converted.update(zip(targets, parts))
     if unknown:
-        raise ModelFileError(f"{source} is not an Apple Depth Pro checkpoint: {len(unknown)} tensor(s) have no place in "
-                             f"Depth Pro: {_name_list(unknown)}.")
+        raise ModelFileError(f"{source} is not an Apple Depth Pro checkpoint: {len(unknown)} tensor(s) have no "
+                             f"place in Depth Pro: {_name_list(unknown)}.")
     if expected_shapes is not None:
         check_state_dict(converted, expected_shapes, source, key_namer=_apple_name_for)
     return converted

@@ -58,9 +58,10 @@ def read_map(x, name: str = "depth map") -> torch.Tensor:
 
     Accepts torch tensors and numpy arrays ([H,W], [B,H,W], [B,H,W,C] with C in 1/3/4, [B,1,H,W]),
     PIL images, and ComfyUI IMAGE/MASK tensors. A 3-D torch tensor is a batch [B,H,W] (ComfyUI MASK)
-    unless its last dimension is 1; a 3-D numpy array with 1, 3 or 4 in its last dimension is [H,W,C]. Integer data keeps its codes (a 16-bit
-    PNG in millimetres stays in millimetres). An RGB(A) map must be grey (equal channels); alpha is
-    ignored. NaN values are kept (see `disparity_from_external`).
+    unless its last dimension is 1; a 3-D numpy array with 1, 3 or 4 in its last dimension is [H,W,C].
+    Integer data keeps its codes (a 16-bit PNG in millimetres stays in millimetres). An RGB(A) map
+    must be grey (equal channels); alpha is ignored. NaN values are kept (see
+    `disparity_from_external`).
     """
     try:
         from PIL import Image
@@ -360,7 +361,8 @@ def load_depth_file(path) -> torch.Tensor:
                 with Image.open(p) as im:
                     arr = _array_from_pil(im)
             except UnidentifiedImageError:
-                raise InputError(f"{p} is not a depth file this pack can read (.npy, .npz, .pfm, .exr, PNG, TIFF).") from None
+                raise InputError(f"{p} is not a depth file this pack can read "
+                                 "(.npy, .npz, .pfm, .exr, PNG, TIFF).") from None
     except InputError:
         raise
     except (ValueError, OSError, EOFError) as e:

@@ -219,8 +219,9 @@ def _apple_forward(sd, x, patch, heads, hook_blocks, grid):
         pre = f"decoder.fusions.{i}."
 
         def res(r, t):
-            h = F.conv2d(F.relu(t), sd[pre + f"resnet{r}.residual.1.weight"], sd[pre + f"resnet{r}.residual.1.bias"], padding=1)
-            h = F.conv2d(F.relu(h), sd[pre + f"resnet{r}.residual.3.weight"], sd[pre + f"resnet{r}.residual.3.bias"], padding=1)
+            unit = pre + f"resnet{r}.residual."
+            h = F.conv2d(F.relu(t), sd[unit + "1.weight"], sd[unit + "1.bias"], padding=1)
+            h = F.conv2d(F.relu(h), sd[unit + "3.weight"], sd[unit + "3.bias"], padding=1)
             return t + h
         if skip is not None:
             a = a + res(1, skip)
@@ -277,8 +278,8 @@ def test_mapped_weights_compute_what_apples_network_computes(tmp_path):
     pixels = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     with torch.no_grad():
         out = model(pixel_values=pixels)
-        ref_depth, ref_fov = _apple_forward(apple, pixels, patch=8, heads=2, grid=4,
-                                            hook_blocks=(config.intermediate_hook_ids[1], config.intermediate_hook_ids[0]))
+        apple_hooks = (config.intermediate_hook_ids[1], config.intermediate_hook_ids[0])  # block 5, 11 in full size
+        ref_depth, ref_fov = _apple_forward(apple, pixels, patch=8, heads=2, grid=4, hook_blocks=apple_hooks)
     assert ref_depth.shape == (2, 1, 256, 256) and ref_depth.std() > 0
     assert torch.allclose(out.predicted_depth, ref_depth[:, 0], rtol=1e-4, atol=1e-5)
     assert torch.allclose(out.field_of_view, ref_fov.flatten(), rtol=1e-4, atol=1e-5)
