@@ -447,6 +447,7 @@ def test_missing_files_name_the_file_and_folder(tmp_path):
         load_depth_pro(None)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the plain-pickle file
 def test_not_a_checkpoint_truncated_and_code_pickle_are_refused(apple_pt, tmp_path):
     text = tmp_path / "depth_pro.pt"
     text.write_text("this is not a checkpoint\n" * 10)
