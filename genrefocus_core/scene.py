@@ -84,7 +84,7 @@ def make_scene(height: int = 384, width: int = 512, seed: int = 0) -> tuple[torc
         img[m] = warm * rng.uniform(0.55, 0.85)
     for _ in range(int(40 * (W / 512))):
         cx, cy = rng.uniform(0, W), rng.uniform(0.05, HORIZON - 0.03) * H
-        cov = _disc(yy, xx, cy, cx, rng.uniform(0.8, 1.6) * s)
+        cov = _disc(yy, xx, cy, cx, max(0.9, rng.uniform(0.8, 1.6) * s))
         col = np.array([1.0, 1.0, 1.0]) if rng.random() < 0.5 else np.array([1.0, rng.uniform(0.6, 0.9), 0.4])
         img = img * (1 - cov[..., None]) + col * cov[..., None]
 
@@ -116,7 +116,7 @@ def make_scene(height: int = 384, width: int = 512, seed: int = 0) -> tuple[torc
         t = i / 11.0
         cx = (0.40 + 0.45 * t) * W
         cy = (0.22 + 0.10 * np.sin(np.pi * t)) * H
-        cov = _disc(yy, xx, cy, cx, 1.8 * s)
+        cov = _disc(yy, xx, cy, cx, max(1.2, 1.8 * s))
         col = np.array([[1.0, 0.85, 0.5], [0.6, 0.9, 1.0], [1.0, 0.5, 0.6]][i % 3])
         img = img * (1 - cov[..., None]) + col * cov[..., None]
         depth = np.where(cov > 0.5, LIGHTS_M, depth)
