@@ -38,8 +38,10 @@ def _pair(text: str, what: str, cast=float):
 def build_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m genrefocus_core {command}", epilog=_EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=__doc__.split("\n\n")[0] if command == "refocus" else
-                                "DeblurNet: photo -> all-in-focus image.")
+                                description=("Generative refocus: photo -> [DeblurNet] -> depth -> defocus map "
+                                             "|K * (disparity - focus)| -> BokehNet -> refocused photo."
+                                             if command == "refocus" else
+                                             "DeblurNet: blurry or sharp photo -> all-in-focus image."))
     io = p.add_argument_group("images")
     io.add_argument("--image", required=True, help="input photo (PNG/JPEG/...)")
     io.add_argument("--out", required=True, help="output image path (8-bit, format by extension)")
@@ -49,7 +51,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     m.add_argument("--vae", help="ae.safetensors")
     m.add_argument("--clip-l", help="clip_l.safetensors (only needed while a prompt is not cached)")
     m.add_argument("--t5", help="t5xxl_*.safetensors (only needed while a prompt is not cached)")
-    m.add_argument("--tokenizer-dir", help="folder with tokenizer/ and tokenizer_2/ (default --diffusers-dir)")
+    m.add_argument("--tokenizer-dir", help="diffusers folder (tokenizer/, tokenizer_2/) or a ComfyUI install, for the "
+                   "CLIP/T5 tokenizers (default --diffusers-dir)")
     m.add_argument("--prompt-embeds", help="precomputed <stage>_prompt_embeds safetensors (skips the encoders)")
     m.add_argument("--cache-dir", help="prompt-embedding cache (default ~/.cache/genrefocus/prompt_embeds)")
     m.add_argument("--transformer-config", help="config folder for a non-standard transformer file")
@@ -66,6 +69,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="seed of the deblur noise (default: random, printed)")
     s.add_argument("--tiled", choices=("auto", "on", "off"), default="auto",
                    help="tiled denoising (auto: when the short side is >= 512 px)")
+    s.add_argument("--tile-size", type=int, default=32, help="tile side in packed tokens (16 px each)")
+    s.add_argument("--tile-overlap", type=int, default=4, help="tile overlap in packed tokens")
+    s.add_argument("--tile-batch", type=int, default=1, help="tiles per transformer call (more memory)")
     s.add_argument("--memory-mode", default="default", choices=("default", "low", "sequential", "fp32"),
                    help="default: bf16 (24 GB); low: fp8 weights (16 GB); sequential: layer offload; fp32: CPU")
     s.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
@@ -104,7 +110,8 @@ def _settings(args, seed):
     from .sampling import SamplerSettings
 
     tiled = {"auto": "auto", "on": True, "off": False}[args.tiled]
-    return SamplerSettings(steps=args.steps, seed=seed, tiled=tiled)
+    return SamplerSettings(steps=args.steps, seed=seed, tiled=tiled, tile_size=args.tile_size,
+                           tile_overlap=args.tile_overlap, tile_batch=args.tile_batch).validated()
 
 
 def _load(args, command: str):
@@ -212,6 +219,5 @@ def main(argv) -> int:
     if command not in ("deblur", "refocus"):
         raise InputError(f"cli_generative handles 'deblur' and 'refocus', not {command!r}.")
     args = build_parser(command).parse_args(argv[1:])
-    if args.steps < 1:
-        raise InputError(f"--steps must be >= 1, got {args.steps}.")
+    _settings(args, args.seed)  # bad sampling options fail now, not after the models are loaded
     return run_deblur(args) if command == "deblur" else run_refocus(args)

@@ -84,6 +84,7 @@ def test_refocus_without_deblur_uses_input_as_aif(tiny_dir, files):
     (["--focus", "400,10"], "outside"),
     (["--K", "-3"], "K must be"),
     (["--steps", "0"], "steps"),
+    (["--tile-overlap", "40"], "tile_overlap"),
     (["--depth-pro", "x.pt"], "exactly one depth source"),
     (["--focus", "1,1", "--focus-disparity", "0.3"], "one of"),
     (["--aperture", "heart"], "aperture-lora"),
