@@ -56,13 +56,13 @@ def token_grid(height: int, width: int) -> tuple[int, int]:
 
 
 def vae_encode(vae, images_bchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """VAE-encode [B, 3, H, W] (already in the VAE's input range) and draw one posterior sample
+    """VAE-encode [B, 3, H, W] (in the VAE's input range, on the execution device) and draw one posterior sample
     -> normalised latents `(z - shift) * scale` [B, 16, H/8, W/8].
 
     generator None draws from the global torch RNG (the reference's protocol).
     """
-    param = next(vae.parameters())
-    dist = vae.encode(images_bchw.to(device=param.device, dtype=param.dtype)).latent_dist
+    # inputs stay on their device (the execution device; offload hooks bring the weights there)
+    dist = vae.encode(images_bchw.to(dtype=next(vae.parameters()).dtype)).latent_dist
     if generator is None:
         z = dist.sample()
     else:
@@ -73,9 +73,8 @@ def vae_encode(vae, images_bchw: torch.Tensor, generator: torch.Generator | None
 
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Normalised latents [B, 16, h, w] -> image [B, 3, 8h, 8w] in [0, 1]."""
-    param = next(vae.parameters())
-    z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    """Normalised latents [B, 16, h, w] (on the execution device) -> image [B, 3, 8h, 8w] in [0, 1]."""
+    z = latents.to(dtype=next(vae.parameters()).dtype) / vae.config.scaling_factor + vae.config.shift_factor
     image = vae.decode(z, return_dict=False)[0]
     return (image.float() / 2 + 0.5).clamp(0, 1)
 
