@@ -105,3 +105,43 @@ def test_missing_model_file_message_via_python_m(tmp_path, files):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "deblurNet.safetensors' not found" in proc.stderr and "models/genrefocus" in proc.stderr
+
+
+def test_refocus_cli_with_depth_pro_runs_it_between_the_stages(tiny_dir, files, tmp_path, monkeypatch):
+    """Depth Pro (tiny random weights, HF folder) runs while FLUX is off the execution device, and is freed."""
+    sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
+    from tiny_depth_pro import build_tiny_depth_pro
+
+    from genrefocus_core import depth_pro, loader
+
+    folder = build_tiny_depth_pro(tmp_path)
+    seen = {}
+    real_load, real_estimate, real_release = loader.load_genrefocus, depth_pro.estimate_depth, depth_pro.release_depth_pro
+
+    def load(*a, **k):
+        seen["pipe"] = real_load(*a, **k)
+        return seen["pipe"]
+
+    def estimate(model, image, *a, **k):
+        seen["resident_during_depth"] = seen["pipe"].offload.stats.resident
+        seen["peak_before_depth"] = seen["pipe"].offload.stats.peak
+        return real_estimate(model, image, *a, **k)
+
+    def release(model, *a, **k):
+        seen["released"] = True
+        return real_release(model, *a, **k)
+
+    monkeypatch.setattr(loader, "load_genrefocus", load)
+    monkeypatch.setattr(depth_pro, "estimate_depth", estimate)
+    monkeypatch.setattr(depth_pro, "release_depth_pro", release)
+    out = tmp_path / "dp.png"
+    args = ["refocus", "--image", str(files / "in.png"), "--out", str(out), "--seed", "5",
+            "--deblur-lora", str(tiny_dir / "deblurNet.safetensors"),
+            "--bokeh-lora", str(tiny_dir / "bokehNet.safetensors"), "--depth-pro", str(folder), "--K", "20",
+            "--diffusers-dir", str(tiny_dir / "pipeline"), "--memory-mode", "default", "--device", "cpu",
+            "--prompt-embeds", str(tiny_dir / "prompt_embeds.safetensors"), "--steps", "1"]
+    assert cli(args) == 0
+    assert np.asarray(Image.open(out)).shape == (36, 40, 3)
+    assert seen["peak_before_depth"] > 0  # the deblur stage had FLUX on the device ...
+    assert seen["resident_during_depth"] == 0  # ... and nothing of it was there while Depth Pro ran
+    assert seen["released"]
