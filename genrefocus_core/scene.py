@@ -28,7 +28,7 @@ def scene_landmarks(height: int, width: int) -> dict[str, tuple[int, int]]:
         "near card": (int(0.2 * width), int(0.72 * height)),
         "lights": (int(0.62 * width), int(0.30 * height)),
         "pillar": (int(0.78 * width), int(0.62 * height)),
-        "far wall": (int(0.45 * width), int(0.25 * height)),
+        "far wall": (int(0.30 * width), int(0.45 * height)),
     }
 
 
