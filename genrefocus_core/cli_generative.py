@@ -57,6 +57,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     m.add_argument("--cache-dir", help="prompt-embedding cache (default ~/.cache/genrefocus/prompt_embeds)")
     m.add_argument("--transformer-config", help="config folder for a non-standard transformer file")
     m.add_argument("--vae-config", help="config folder for a non-standard VAE file")
+    m.add_argument("--clip-config", help="config folder for a non-standard CLIP text encoder file")
+    m.add_argument("--t5-config", help="config folder for a non-standard T5 encoder file")
     m.add_argument("--deblur-lora", help="deblurNet.safetensors")
     m.add_argument("--pre-deblur-lora", help="deblurNet_with_pre_deblur.safetensors")
     if command == "deblur":
@@ -124,7 +126,7 @@ def _load(args, command: str):
                            aperture_lora=getattr(args, "aperture_lora", None), memory_mode=args.memory_mode,
                            device=args.device, cache_dir=args.cache_dir, prompt_embeddings=args.prompt_embeds,
                            tokenizer_dir=args.tokenizer_dir, transformer_config=args.transformer_config,
-                           vae_config=args.vae_config)
+                           vae_config=args.vae_config, clip_config=args.clip_config, t5_config=args.t5_config)
 
 
 def _disparity(args, aif, offload):

@@ -145,3 +145,48 @@ def test_refocus_cli_with_depth_pro_runs_it_between_the_stages(tiny_dir, files, 
     assert seen["peak_before_depth"] > 0  # the deblur stage had FLUX on the device ...
     assert seen["resident_during_depth"] == 0  # ... and nothing of it was there while Depth Pro ran
     assert seen["released"]
+
+
+def test_deblur_cli_from_comfyui_single_files_in_low_memory_mode(tiny_dir, files, tmp_path):
+    """The ComfyUI user's files: fp8 flux1-dev (original layout, scaled), ae, clip_l, t5xxl; tokenizers
+    from a ComfyUI install layout; no diffusers folder at all."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from test_loading import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
+
+    pipe_dir = tiny_dir / "pipeline"
+    bfl = diffusers_to_bfl_transformer(load_file(str(tiny_dir / "transformer.safetensors")), 2, 2)
+    fp8 = {}
+    for k, v in bfl.items():
+        if k.startswith(("double_blocks.", "single_blocks.")) and k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().max() / 448.0
+            fp8[k], fp8[k[:-7] + ".scale_weight"] = (v / scale).to(torch.float8_e4m3fn), scale
+        else:
+            fp8[k] = v
+    save_file({"model.diffusion_model." + k: v for k, v in fp8.items()}, str(tmp_path / "flux1-dev-fp8.safetensors"))
+    save_file(diffusers_to_ldm_vae(load_file(str(tiny_dir / "vae.safetensors")), 4), str(tmp_path / "ae.safetensors"))
+    save_file({"text_model." + k: v for k, v in load_file(str(tiny_dir / "clip_text_encoder.safetensors")).items()},
+              str(tmp_path / "clip_l.safetensors"))
+    save_file(load_file(str(tiny_dir / "t5_encoder.safetensors")), str(tmp_path / "t5xxl_fp16.safetensors"))
+    comfy = tmp_path / "ComfyUI"
+    shutil.copytree(pipe_dir / "tokenizer", comfy / "comfy" / "sd1_tokenizer")
+    shutil.copytree(pipe_dir / "tokenizer_2", comfy / "comfy" / "text_encoders" / "t5_tokenizer")
+    out = tmp_path / "sharp.png"
+    args = ["deblur", "--image", str(files / "in.png"), "--out", str(out), "--seed", "5", "--steps", "2",
+            "--flux", str(tmp_path / "flux1-dev-fp8.safetensors"), "--vae", str(tmp_path / "ae.safetensors"),
+            "--clip-l", str(tmp_path / "clip_l.safetensors"), "--t5", str(tmp_path / "t5xxl_fp16.safetensors"),
+            "--tokenizer-dir", str(comfy), "--deblur-lora", str(tiny_dir / "deblurNet.safetensors"),
+            "--transformer-config", str(pipe_dir / "transformer"), "--vae-config", str(pipe_dir / "vae"),
+            "--clip-config", str(pipe_dir / "text_encoder"), "--t5-config", str(pipe_dir / "text_encoder_2"),
+            "--memory-mode", "low", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    assert cli(args) == 0
+    got = np.asarray(Image.open(out)).astype(np.int16)
+    # the same photo through the fp32 diffusers-folder path: close (fp8 weights, bf16 compute)
+    ref = load_genrefocus(diffusers_dir=pipe_dir, deblur_lora=tiny_dir / "deblurNet.safetensors",
+                          memory_mode="fp32", device="cpu",
+                          prompt_embeddings=tiny_dir / "prompt_embeds.safetensors")
+    want = ref.deblur(load_image(files / "in.png"), settings=SamplerSettings(steps=2, seed=5))
+    want = (want[0].numpy() * 255 + 0.5).astype(np.int16)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 0.12 * 255
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
