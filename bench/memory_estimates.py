@@ -22,9 +22,6 @@ A fixed 0.6 GiB is added per stage for the CUDA context and allocator slack.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
 import tempfile
 import time
