@@ -95,8 +95,19 @@ def working_size(config) -> int:
 # Loading
 
 
+def _transformers_depth_pro():
+    """transformers' DepthPro classes, or a clear error on a transformers without them."""
+    try:
+        from transformers import DepthProConfig, DepthProForDepthEstimation
+    except ImportError:
+        import transformers
+        raise ModelFileError(f"Depth Pro needs transformers >= 4.49 (installed: {transformers.__version__}); "
+                             "upgrade it: pip install -U transformers") from None
+    return DepthProConfig, DepthProForDepthEstimation
+
+
 def _read_config(path: Path):
-    from transformers import DepthProConfig
+    DepthProConfig, _ = _transformers_depth_pro()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -114,7 +125,7 @@ def _read_config(path: Path):
 
 def _build_on_meta(config):
     """The model skeleton without memory for weights (filled by `load_state_dict(assign=True)`)."""
-    from transformers import DepthProForDepthEstimation
+    _, DepthProForDepthEstimation = _transformers_depth_pro()
     with torch.device("meta"):
         model = DepthProForDepthEstimation(config)
     return model
@@ -237,8 +248,7 @@ def _config_from(config, fallback: Path):
     if isinstance(config, (str, Path)):
         return _read_config(Path(config))
     if isinstance(config, dict):
-        from transformers import DepthProConfig
-        return DepthProConfig.from_dict(config)
+        return _transformers_depth_pro()[0].from_dict(config)
     if getattr(config, "model_type", None) == "depth_pro":
         return config
     raise InputError("config: expected a path to config.json, a dict or a DepthProConfig, "

@@ -514,6 +514,16 @@ def test_unknown_missing_and_misshaped_tensors_are_named(tiny_model, config_json
         load_depth_pro(tmp_path / "depth_pro.pt")
 
 
+def test_old_transformers_gives_a_clear_error(monkeypatch, apple_pt):
+    import sys
+    import types
+    old = types.ModuleType("transformers")
+    old.__version__ = "4.46.3"  # before Depth Pro was added
+    monkeypatch.setitem(sys.modules, "transformers", old)
+    with pytest.raises(ModelFileError, match=r"transformers >= 4.49 \(installed: 4.46.3\)"):
+        load_depth_pro(apple_pt)
+
+
 def test_foreign_config_is_refused(tiny_model, tmp_path):
     folder = tmp_path / "hf"
     tiny_model.save_pretrained(str(folder))
