@@ -104,7 +104,7 @@ class Float8StorageLinear(nn.Linear):
 
 def default_fp8_filter(name: str, module: nn.Module) -> bool:
     """Block Linear layers of the FLUX transformer, not peft's LoRA sub-layers (they stay in bf16)."""
-    if ".lora_A" in name or ".lora_B" in name or ".lora_" in name:
+    if ".lora_" in name:
         return False
     return name.startswith(("transformer_blocks.", "single_transformer_blocks."))
 
