@@ -162,7 +162,7 @@ def test_diffusers_folder_transformer_and_vae(pipe_dir, tiny_dir, ref_transforme
 # ------------------------------------------------------------------------------------------------
 # single files in the original layouts
 
-def test_bfl_single_file_round_trip(bfl_file, pipe_dir, ref_transformer_sd):
+def test_bfl_single_file_round_trip(bfl_file, pipe_dir, tiny_dir, ref_transformer_sd):
     header = mf.read_safetensors_header(bfl_file)
     assert "model.diffusion_model.double_blocks.0.img_attn.qkv.weight" in header.keys()
     t = fl.load_flux_transformer(bfl_file, dtype=torch.float32, config_dir=pipe_dir / "transformer")
@@ -173,6 +173,10 @@ def test_bfl_single_file_round_trip(bfl_file, pipe_dir, ref_transformer_sd):
     ref = fl.load_flux_transformer(pipe_dir, dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(_forward(t), _forward(ref))
+    # the diffusers key layout as one file works as well
+    flat = fl.load_flux_transformer(tiny_dir / "transformer.safetensors", dtype=torch.float32,
+                                    config_dir=pipe_dir / "transformer")
+    assert all(torch.equal(flat.state_dict()[k], v) for k, v in ref_transformer_sd.items())
 
 
 def test_bfl_fp8_scaled_file(tmp_path, ref_transformer_sd, tiny_cfg, pipe_dir):
@@ -251,6 +255,9 @@ def test_vae_single_file_ldm_layout(tmp_path, tiny_dir, pipe_dir):
     sd = vae.state_dict()
     for k, v in ref.items():
         assert torch.equal(sd[k], v), k
+    # a single file in the diffusers layout (e.g. a copied diffusion_pytorch_model.safetensors) loads too
+    same = fl.load_flux_vae(tiny_dir / "vae.safetensors", config_dir=pipe_dir / "vae")
+    assert all(torch.equal(same.state_dict()[k], v) for k, v in ref.items())
     ref_vae = fl.load_flux_vae(pipe_dir)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
