@@ -4,14 +4,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_paths import BOKEH_TOOLS, DEPTH_PRO_FIXTURES, PARITY_DIR, ROOT, SHARED  # noqa: E402,F401
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-SHARED = Path(os.environ.get("GENREFOCUS_SHARED_DIR", ROOT.parent / "shared"))
-PARITY_DIR = Path(os.environ.get("GENREFOCUS_PARITY_DIR", SHARED / "fixtures" / "parity"))
-DEPTH_PRO_FIXTURES = SHARED / "fixtures" / "depth_pro"
-BOKEH_TOOLS = SHARED / "tools" / "bokeh"
 
 
 @pytest.fixture(scope="session")

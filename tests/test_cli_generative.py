@@ -12,7 +12,7 @@ from genrefocus_core.images import load_image
 from genrefocus_core.loader import load_genrefocus
 from genrefocus_core.sampling import SamplerSettings
 
-from conftest import ROOT
+from fixture_paths import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from conftest import DEPTH_PRO_FIXTURES
+from fixture_paths import DEPTH_PRO_FIXTURES
 from genrefocus_core.depth_pro import (
     SHIPPED_CONFIG, DepthResult, convert_apple_checkpoint, depth_pro_loaded, estimate_depth, fov_to_focal_px,
     load_depth_pro, release_depth_pro, working_size,
