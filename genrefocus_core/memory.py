@@ -276,18 +276,30 @@ class SequentialOffload:
         self.device = torch.device(device)
         self.stats = stats if stats is not None else OffloadStats()
         self._handles = []
+        self._hooked = set()
         self._cpu = {}
+        self._pin = pin_memory and self.device.type == "cuda" and torch.cuda.is_available()
         model.to("cpu")
-        pin = pin_memory and self.device.type == "cuda" and torch.cuda.is_available()
-        for module in model.modules():
-            own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-            if not own:
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Hook modules added since (e.g. the lora_A/lora_B layers of an adapter loaded later); returns
+        how many were added."""
+        added = 0
+        for module in self.model.modules():
+            own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+            if not own or id(module) in self._hooked:
                 continue
-            if pin:
-                for _, t in own:
+            for t in own:
+                if t.device.type != "cpu":
+                    t.data = t.data.to("cpu")
+                if self._pin:
                     t.data = t.data.pin_memory()
             self._handles.append(module.register_forward_pre_hook(self._pre))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
+            self._hooked.add(id(module))
+            added += 1
+        return added
 
     def _own(self, module):
         return [t for _, t in module.named_parameters(recurse=False)] + \
@@ -319,6 +331,7 @@ class SequentialOffload:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._hooked.clear()
 
 
 class Offloader:
@@ -362,7 +375,11 @@ class Offloader:
 
     @contextlib.contextmanager
     def stage(self, module: nn.Module):
-        if self.mode.offload == "none" or id(module) in self._sequential:
+        hooks = self._sequential.get(id(module))
+        if hooks is not None:
+            hooks.refresh()  # adapters loaded after `prepare` get their hooks too
+            yield module
+        elif self.mode.offload == "none":
             yield module
         else:
             with model_on_device(module, self.device, "cpu", self.stats):

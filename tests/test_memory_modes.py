@@ -135,7 +135,7 @@ def test_model_offload_brings_only_the_adapters_a_stage_uses(pipe_dir, tiny_dir)
 
 
 @torch.no_grad()
-def test_sequential_offload_one_layer_at_a_time(pipe_dir):
+def test_sequential_offload_one_layer_at_a_time(pipe_dir, tiny_dir):
     ref = fl.load_flux_transformer(pipe_dir, dtype=torch.float32)
     model = fl.load_flux_transformer(pipe_dir, dtype=torch.float32)
     want = _forward(ref)
@@ -154,6 +154,12 @@ def test_sequential_offload_one_layer_at_a_time(pipe_dir):
     assert all(p.device.type == "cpu" for p in model.parameters())
     with plan.stage(model):  # stage is a no-op for hooked modules
         assert plan.stats.resident == 0
+    # an adapter loaded after prepare() (e.g. swapped in by a node) is hooked when the next stage starts
+    lora_files.load_lora(model, tiny_dir / "bokehNet.safetensors", "bokeh")
+    unhooked = [n for n, m in model.named_modules() if list(m.parameters(recurse=False)) and not m._forward_pre_hooks]
+    assert unhooked and all(".lora_" in n for n in unhooked)
+    with plan.stage(model):
+        assert all(m._forward_pre_hooks for m in model.modules() if list(m.parameters(recurse=False)))
     plan.release(model)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
