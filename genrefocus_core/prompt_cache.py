@@ -286,8 +286,17 @@ def get_prompt_embeddings(stage_or_prompt: str, encoder: PromptEncoder | None = 
     finally:
         if free_encoder and not was_loaded:
             encoder.free()
-    write_cached(cache_dir, identity, prompt, emb, max_length)
+    _try_write(cache_dir, identity, prompt, emb, max_length)
     return emb
+
+
+def _try_write(cache_dir, identity, prompt, emb, max_length):
+    """A cache that cannot be written (read-only, a file in the way) costs a re-encode next time, not the run."""
+    try:
+        write_cached(cache_dir, identity, prompt, emb, max_length)
+    except OSError as e:
+        warnings.warn(f"Prompt embedding could not be cached in {cache_dir} ({e}); it will be encoded again "
+                      "next time. Set GENREFOCUS_CACHE_DIR or cache_dir to a writable folder.")
 
 
 def get_stage_embeddings(stages, encoder: PromptEncoder | None = None, cache_dir=None, *,

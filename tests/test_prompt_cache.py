@@ -131,3 +131,13 @@ def test_default_cache_dir_and_missing_encoders(tmp_path, monkeypatch):
                            tokenizer_dir=tmp_path)
     with pytest.raises(MissingModelFileError, match="text_encoders"):
         enc.identity
+
+
+def test_unwritable_cache_warns_and_still_returns(pipe_dir, tmp_path, reference):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder should be")
+    enc = pc.PromptEncoder(diffusers_dir=pipe_dir)
+    with pytest.warns(UserWarning, match="could not be cached"):
+        emb = pc.get_prompt_embeddings("bokeh", enc, cache_dir=blocker)
+    assert torch.allclose(emb.pooled, reference["bokeh_pooled_prompt_embeds"], atol=1e-6)
+    assert not enc.loaded
