@@ -332,8 +332,12 @@ class _LevelRenderer:
         by0, bx0 = int(ty.min()) * tile, int(tx.min()) * tile
         by1, bx1 = (int(ty.max()) + 1) * tile, (int(tx.max()) + 1) * tile
         d = self.data[:, :, by0:by1, bx0:bx1]
-        alpha = (torch.where(d[:, 5] == idx, d[:, 3], 0.0) + torch.where(d[:, 6] == idx, d[:, 4], 0.0))[:, None]
-        canvas = F.pad(torch.cat([d[:, :3] * alpha, alpha], dim=1), (margin,) * 4)
+        canvas = torch.zeros(self.B, 4, by1 - by0 + 2 * margin, bx1 - bx0 + 2 * margin, dtype=d.dtype, device=d.device)
+        inner = canvas[:, :, margin:margin + by1 - by0, margin:margin + bx1 - bx0]
+        alpha = inner[:, 3]
+        torch.mul(d[:, 3], d[:, 5] == idx, out=alpha)
+        alpha.addcmul_(d[:, 4], d[:, 6] == idx)
+        torch.mul(d[:, :3], alpha[:, None], out=inner[:, :3])
         y0, x0 = by0 - margin, bx0 - margin
         if s == 1:
             return fft_convolve(canvas, kernel, zero_margin=True), y0, x0
