@@ -28,6 +28,7 @@ WORKFLOWS = ROOT / "workflows"
 PACK_NAME = "ComfyUI-GenRefocus"
 START_TIMEOUT = float(os.environ.get("COMFY_START_TIMEOUT", "240"))
 RUN_TIMEOUT = float(os.environ.get("COMFY_RUN_TIMEOUT", "600"))
+INPUT_SIZE = (120, 168)  # H, W of input/example.png: not multiples of 16, so padding and the crop back run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ui_to_api import convert  # noqa: E402
@@ -303,3 +304,14 @@ def comfy_server(tmp_path_factory, tiny_dir):
         logf.close()
         if os.environ.get("GENREFOCUS_KEEP_COMFY_LOG"):
             shutil.copy(base / "server.log", os.environ["GENREFOCUS_KEEP_COMFY_LOG"])
+
+
+@pytest.fixture(scope="session")
+def server(comfy_server):
+    """The server with input/example.png (the name the shipped workflows load): the test scene."""
+    sys.path.insert(0, str(ROOT))
+    from genrefocus_core.images import save_image
+    from genrefocus_core.scene import make_scene
+    image, _ = make_scene(*INPUT_SIZE, seed=3)
+    save_image(image[0], comfy_server.base / "input" / "example.png")
+    return comfy_server

@@ -14,25 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PACK_NAME, ROOT, WORKFLOWS, WebSocketMessages, errors_of
+from conftest import INPUT_SIZE, PACK_NAME, ROOT, WORKFLOWS, WebSocketMessages, errors_of
 
 pytestmark = pytest.mark.comfyui
 
 OUR_NODES = {"GenRefocusScene", "GenRefocusApertureShape", "GenRefocusDefocusMap", "GenRefocusClassicalBokeh",
              "GenRefocusDepthFromImage", "GenRefocusLoadDepthMap", "GenRefocusLoadDepthPro", "GenRefocusDepthEstimate",
              "GenRefocusLoadModel", "GenRefocusTiledSampler", "GenRefocusDeblurNet", "GenRefocusBokehNet"}
-INPUT_SIZE = (120, 168)  # H, W: not multiples of 16, so padding and the exact crop back are exercised
-
-
-@pytest.fixture(scope="module")
-def server(comfy_server):
-    """The server with input/example.png (the name the shipped workflows load): the test scene."""
-    sys.path.insert(0, str(ROOT))
-    from genrefocus_core.images import save_image
-    from genrefocus_core.scene import make_scene
-    image, _ = make_scene(*INPUT_SIZE, seed=3)
-    save_image(image[0], comfy_server.base / "input" / "example.png")
-    return comfy_server
 
 
 def _small_sampler(api: dict, steps: int = 3, **extra):
