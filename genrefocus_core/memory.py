@@ -23,7 +23,7 @@ bytes they put on the execution device (`OffloadStats`), which is what the tests
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -171,7 +171,6 @@ class OffloadStats:
     resident: int = 0
     peak: int = 0
     transfers: int = 0
-    history: list = field(default_factory=list)
 
     def add(self, n: int):
         self.resident += n
@@ -185,12 +184,6 @@ class OffloadStats:
 def _tensor_bytes(module: nn.Module, recurse: bool) -> int:
     return sum(t.numel() * t.element_size()
                for t in list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse)))
-
-
-def module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 _ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
