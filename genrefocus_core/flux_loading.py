@@ -19,6 +19,7 @@ check that both conversions agree key by key and shape by shape on the real FLUX
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import torch
 
 from . import model_files as mf
 from .errors import ModelFileError
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FLUX_DEV_TRANSFORMER_CONFIG = CONFIG_DIR / "flux1-dev" / "transformer"
@@ -217,6 +220,10 @@ def convert_bfl_transformer(tensors: dict, config: dict, scales: dict | None = N
         raise ModelFileError(f"{source}: not a complete FLUX.1-dev transformer for this config: {len(missing)} "
                              f"keys are missing, e.g. {mf.describe_keys(missing)}. The file may be truncated, "
                              "a different FLUX variant, or need another config (config_dir).")
+    unused = sorted(set(tensors) - set(needed))
+    if unused:
+        log.warning("%s: %d tensors are not part of FLUX.1-dev and were ignored, e.g. %s", source, len(unused),
+                    mf.describe_keys(unused))
     out, out_scales = {}, {}
     for dst, (src, op) in plan.items():
         t = tensors[src]
@@ -291,6 +298,10 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
     expected = model.state_dict()
     hint = f"(config used: {cfg_dir}; the shipped one is FLUX.1-dev's, pass config_dir for other sizes.)"
     _check_shapes(path, tensors, expected, "a FLUX.1-dev transformer", hint)
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        log.warning("%s: %d tensors are not part of this transformer and were ignored, e.g. %s", path, len(extra),
+                    mf.describe_keys(extra))
     state = {}
     fp8_scales = {}
     for name in expected:

@@ -485,3 +485,13 @@ def test_wrong_families(tmp_path, tiny_dir, bfl_file, pipe_dir):
     (fake / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelFileError, match="schnell"):
         fl.load_flux_transformer(fake.parent)
+
+
+def test_extra_tensors_are_reported(tmp_path, bfl_file, pipe_dir, caplog):
+    t = load_file(str(bfl_file))
+    t["model.diffusion_model.distilled_guidance_layer.in_proj.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "variant.safetensors"
+    save_file(t, str(path))
+    with caplog.at_level("WARNING", logger="genrefocus_core.flux_loading"):
+        fl.load_flux_transformer(path, dtype=torch.float32, config_dir=pipe_dir / "transformer")
+    assert "distilled_guidance_layer" in caplog.text and "ignored" in caplog.text
