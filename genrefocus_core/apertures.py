@@ -263,25 +263,36 @@ def heart(rotation_deg: float = 0.0) -> Aperture:
                     {"shape": "heart", "rotation_deg": float(rotation_deg)})
 
 
-def cat_eye(strength: float = 0.5, direction_deg: float = 0.0) -> Aperture:
-    """Mechanical vignetting ("cat's eye") seen off-axis: the round pupil clipped by a second circle
-    of the same size whose centre is offset by `strength` (0 = none, < 1) circumradii towards
-    `direction_deg` (the direction to the image centre; 0 = right, 90 = down).
-
-    The shape keeps the unclipped pupil's centre and circumradius (r is the radius of the pupil)."""
+def vignetted(aperture: "Aperture", strength: float, direction_deg: float = 0.0) -> "Aperture":
+    """Mechanical vignetting ("cat's eye") seen off-axis: `aperture` clipped by a circle of its
+    circumradius whose centre is offset by `strength` (0 = none, < 1) circumradii towards
+    `direction_deg` (the direction to the image centre; 0 = right, 90 = down, image coordinates).
+    The shape keeps the unclipped pupil's centre, so radius r still means the pupil's circumradius."""
     s = float(strength)
     if not 0.0 <= s < 1.0:
         raise InputError(f"Cat-eye strength must be in [0, 1), got {strength}.")
+    if s == 0.0:
+        return aperture
     ang = math.radians(direction_deg)
     ox, oy = s * math.cos(ang), s * math.sin(ang)
+    base = aperture.radial
 
     def fn(theta: torch.Tensor) -> torch.Tensor:
         # distance along the ray to the offset unit circle: t^2 - 2 t (d.o) + |o|^2 - 1 = 0
         proj = torch.cos(theta) * ox + torch.sin(theta) * oy
         t = proj + torch.sqrt(proj * proj + 1.0 - s * s)
-        return torch.minimum(torch.ones_like(t), t)
+        return torch.minimum(base(theta), t)
 
-    return Aperture("cat-eye", fn, {"shape": "cat_eye", "strength": s, "direction_deg": float(direction_deg)})
+    name = "cat-eye" if aperture.name == "circle" else f"{aperture.name} (vignetted)"
+    return Aperture(name, fn, {**aperture.params, "cat_eye_strength": s, "direction_deg": float(direction_deg)})
+
+
+def cat_eye(strength: float = 0.5, direction_deg: float = 0.0) -> Aperture:
+    """The round pupil with cat's-eye vignetting (see `vignetted`)."""
+    ap = vignetted(circle(), strength, direction_deg)
+    ap.params = {"shape": "cat_eye", "strength": float(strength), "direction_deg": float(direction_deg)}
+    ap.name = "cat-eye"
+    return ap
 
 
 def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = None) -> Aperture:

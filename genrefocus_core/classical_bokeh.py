@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .apertures import Aperture, circle
+from .apertures import Aperture, circle, vignetted
 from .defocus import check_blur_level, focus_disparity as focus_from, signed_coc
 from .errors import InputError
 from .images import resize_map, to_image_batch, to_map_batch
@@ -250,8 +250,9 @@ class _LevelRenderer:
     BASE_TILE = 32
     PAD_TO = 128
 
-    def __init__(self, lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front):
+    def __init__(self, lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front, regions=None):
         B, _, H, W = lin.shape
+        self.regions = regions  # None, or [(y0, y1, x0, x1, aperture)] covering the image
         self.B, self.H, self.W = B, H, W
         self.levels, self.aperture, self.flip_front = levels, aperture, flip_front
         hp, wp = -(-H // self.PAD_TO) * self.PAD_TO, -(-W // self.PAD_TO) * self.PAD_TO
@@ -285,6 +286,9 @@ class _LevelRenderer:
         """-> (canvas [B,4,h,w], y0, x0) of level `idx` (signed), or None if it has no pixels."""
         level = self.levels[abs(idx)]
         dtype, device = self.data.dtype, self.data.device
+        if idx != 0 and self.regions:
+            tiles = self._active_tiles(idx, self.PAD_TO)
+            return None if tiles.shape[0] == 0 else self._render_regions(idx, level, tiles, self.PAD_TO)
         if idx == 0 or level.scale == 1:
             kernel = None if idx == 0 else _kernel(level, self.aperture, self.flip_front and idx > 0, device, dtype)
             p = 0 if kernel is None else kernel.shape[-1] // 2
@@ -323,14 +327,42 @@ class _LevelRenderer:
         kernel = _kernel(level, self.aperture, self.flip_front and idx > 0, device, dtype)
         return self._render_dense(idx, level, kernel, tiles, tile)
 
+    def _render_regions(self, idx, level, tiles, tile):
+        """Like `_render_dense`, but each image region is convolved with its own aperture (vignetting
+        that changes across the frame); the pieces are summed into one canvas for the level."""
+        ty, tx = tiles[:, 1], tiles[:, 2]
+        by0, bx0 = int(ty.min()) * tile, int(tx.min()) * tile
+        by1, bx1 = min((int(ty.max()) + 1) * tile, self.H), min((int(tx.max()) + 1) * tile, self.W)
+        parts = []
+        for ry0, ry1, rx0, rx1, ap in self.regions:
+            y0, y1, x0, x1 = max(by0, ry0), min(by1, ry1), max(bx0, rx0), min(bx1, rx1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            kernel = _kernel(level, ap, self.flip_front and idx > 0, self.data.device, self.data.dtype)
+            parts.append(self._render_box(idx, level, kernel, y0, y1, x0, x1))
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        top = min(p[1] for p in parts)
+        left = min(p[2] for p in parts)
+        bottom = max(p[1] + p[0].shape[-2] for p in parts)
+        right = max(p[2] + p[0].shape[-1] for p in parts)
+        canvas = torch.zeros(self.B, 4, bottom - top, right - left, dtype=self.data.dtype, device=self.data.device)
+        for c, y0, x0 in parts:
+            canvas[:, :, y0 - top:y0 - top + c.shape[-2], x0 - left:x0 - left + c.shape[-1]] += c
+        return canvas, top, left
+
     def _render_dense(self, idx, level, kernel, tiles, tile):
+        ty, tx = tiles[:, 1], tiles[:, 2]
+        by0, bx0 = int(ty.min()) * tile, int(tx.min()) * tile
+        by1, bx1 = (int(ty.max()) + 1) * tile, (int(tx.max()) + 1) * tile
+        return self._render_box(idx, level, kernel, by0, by1, bx0, bx1)
+
+    def _render_box(self, idx, level, kernel, by0, by1, bx0, bx1):
         """Cut the bounding box of the level's tiles (with a margin for the blur) and convolve it whole,
         on the level's grid."""
         s = level.scale
         margin = kernel.shape[-1] // 2 * s + (2 * s if s > 1 else 0)
-        ty, tx = tiles[:, 1], tiles[:, 2]
-        by0, bx0 = int(ty.min()) * tile, int(tx.min()) * tile
-        by1, bx1 = (int(ty.max()) + 1) * tile, (int(tx.max()) + 1) * tile
         d = self.data[:, :, by0:by1, bx0:bx1]
         canvas = torch.zeros(self.B, 4, by1 - by0 + 2 * margin, bx1 - bx0 + 2 * margin, dtype=d.dtype, device=d.device)
         inner = canvas[:, :, margin:margin + by1 - by0, margin:margin + bx1 - bx0]
@@ -407,10 +439,36 @@ def signed_radius_map(image_hw: tuple[int, int], batch: int, disparity=None, foc
     return signed_coc(disp, focus, K)
 
 
+VIGNETTING_GRID = 5
+
+
+def _vignetting_regions(aperture: Aperture, strength: float, H: int, W: int):
+    """Grid of image regions, each with the aperture clipped as seen from the region's centre."""
+    strength = float(strength)
+    if not (math.isfinite(strength) and 0.0 <= strength < 1.0):
+        raise InputError(f"vignetting must be in [0, 1), got {strength}.")
+    if strength == 0.0:
+        return None
+    n = VIGNETTING_GRID
+    ys = [round(i * H / n) for i in range(n + 1)]
+    xs = [round(i * W / n) for i in range(n + 1)]
+    cy, cx, half_diag = H / 2.0, W / 2.0, math.hypot(H / 2.0, W / 2.0)
+    regions = []
+    for i in range(n):
+        for j in range(n):
+            if ys[i] >= ys[i + 1] or xs[j] >= xs[j + 1]:
+                continue
+            my, mx = (ys[i] + ys[i + 1]) / 2.0, (xs[j] + xs[j + 1]) / 2.0
+            amount = strength * math.hypot(my - cy, mx - cx) / half_diag
+            direction = math.degrees(math.atan2(cy - my, cx - mx))
+            regions.append((ys[i], ys[i + 1], xs[j], xs[j + 1], vignetted(aperture, amount, direction)))
+    return regions
+
+
 def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, aperture: Aperture | None = None,
                  *, defocus_px=None, colorspace: str = "srgb", highlight_boost: float = 0.0,
                  highlight_threshold: float = 0.9, max_radius: float | None = None,
-                 quality: str = "balanced", flip_front: bool = True) -> torch.Tensor:
+                 quality: str = "balanced", flip_front: bool = True, vignetting: float = 0.0) -> torch.Tensor:
     """Refocus `image` [B,H,W,3] (anything `to_image_batch` takes) -> [B,H,W,3] in [0,1].
 
     Blur: either disparity [B,H,W] (1/m, bigger = nearer) + focus_disparity (scalar or [B]; None = the
@@ -424,6 +482,9 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     highlight_boost: > 0 brightens near-white pixels (linear value above highlight_threshold) before
     blurring, by up to 1 + boost times, so clipped highlights bloom like the point lights they were.
     max_radius: cap on |r| in px (default: half the long edge); larger radii are capped with a warning.
+    vignetting: 0..1, cat's-eye bokeh towards the frame's edges: the aperture is clipped by an offset
+    circle whose offset grows linearly from 0 at the centre to `vignetting` at the corners, pointing to
+    the centre (rendered per region of a VIGNETTING_GRID x VIGNETTING_GRID grid).
     quality: "fast" | "balanced" | "best": depth-level spacing and when coarse grids take over
     (QUALITY_PRESETS); the CoC radius is equally exact in all three, the bokeh edges get crisper
     (edge ramp about 25% / 12% / 6% of the radius at large radii) and the render slower.
@@ -472,7 +533,8 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         lin = lin * (1.0 + float(highlight_boost) * t * blur_on)
 
     n = len(levels) - 1
-    engine = _LevelRenderer(lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front)
+    engine = _LevelRenderer(lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front,
+                            _vignetting_regions(aperture, vignetting, H, W))
     # accumulators: premultiplied colour (3), coverage (1), coverage from levels other than 0 (1)
     acc = torch.zeros(B, 5, H, W, dtype=lin.dtype, device=device)
     pending = None  # the previous level: added after the current one has covered what lies behind

@@ -46,7 +46,8 @@ def demo_jobs(depth: torch.Tensor, disp: torch.Tensor, K: float) -> list[dict]:
              ap=apertures.polygon(6, curvature=0.15), boost=boost),
         dict(label="near card, star", point="near card", K=K, ap=apertures.star(5, 0.45), boost=boost),
         dict(label="near card, heart", point="near card", K=K, ap=apertures.heart(), boost=boost),
-        dict(label="near card, cat-eye", point="near card", K=K, ap=apertures.cat_eye(0.45, 180.0), boost=boost),
+        dict(label="near card, cat-eye vignetting 0.7", point="near card", K=K, ap=apertures.circle(), boost=boost,
+             vignetting=0.7),
         dict(label=f"50mm f/1.4 @ {z_pillar:.1f} m (K={k_lens:.1f})", point="pillar", K=k_lens,
              ap=apertures.polygon(9, curvature=0.3), boost=boost),
     ]
@@ -103,7 +104,8 @@ def main(argv) -> int:
     for i, job in enumerate(demo_jobs(depth, disp, a.K), 1):
         t = time.perf_counter()
         f = focus_disparity(disp, point=marks[job["point"]])
-        out_img = render_bokeh(image, disp, f, job["K"], job["ap"], highlight_boost=job["boost"])
+        out_img = render_bokeh(image, disp, f, job["K"], job["ap"], highlight_boost=job["boost"],
+                               vignetting=job.get("vignetting", 0.0))
         name = f"render_{i:02d}.png"
         save_image(out_img, out / name)
         tiles.append((job["label"], out_img))

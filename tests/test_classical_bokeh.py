@@ -230,3 +230,24 @@ def test_level_weights_put_half_maximum_at_the_radius():
     assert float(w_hi[0, 0, 0]) == 0.0 and int(lo[0, 0, 0]) == 0  # in focus
     radii = torch.tensor([lv.radius for lv in levels])
     assert bool(((radii[lo] <= r + 1e-6) & (r <= radii[lo + 1] + 1e-6)).all())
+
+
+def test_cat_eye_vignetting_changes_the_shape_towards_the_corners():
+    size = 150
+    img = torch.zeros(1, size, size, 3)
+    spots = [(75, 75), (15, 15), (135, 135)]  # centre, top-left, bottom-right regions
+    for y, x in spots:
+        img[0, y, x] = 1.0
+    defocus = torch.full((1, size, size), -9.0)
+    plain = render_bokeh(img, defocus_px=defocus, colorspace="linear")
+    vig = render_bokeh(img, defocus_px=defocus, colorspace="linear", vignetting=0.8)
+    area = lambda out, y, x: int((out[0, y - 12:y + 13, x - 12:x + 13, 0] >= 0.5 * out[0, y, x, 0]).sum())
+    assert abs(area(vig, 75, 75) - area(plain, 75, 75)) <= 8  # the centre region is barely clipped
+    assert area(vig, 15, 15) < 0.75 * area(plain, 15, 15)  # the corners are
+    # clipped on the side away from the image centre: the top-left spot loses its top-left part
+    tl = vig[0, 15 - 9:15 + 10, 15 - 9:15 + 10, 0]
+    assert float(tl[:6, :6].sum()) < 0.2 * float(tl[-6:, -6:].sum())
+    # energy kept up to the coverage renormalisation where neighbouring regions use different shapes
+    assert float(vig.sum()) == pytest.approx(float(plain.sum()), rel=0.02)
+    with pytest.raises(InputError):
+        render_bokeh(img, defocus_px=defocus, vignetting=1.5)
