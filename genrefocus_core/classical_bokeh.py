@@ -155,6 +155,7 @@ def _fast_size(n: int) -> int:
 
 
 _KERNEL_SPECTRA: dict = {}
+_KERNEL_CACHE_BYTES = 256 * 2 ** 20
 
 
 def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
@@ -170,7 +171,8 @@ def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
         kpad[lh - p:, : k - p] = kernel[:p, p:]
         kpad[lh - p:, lw - p:] = kernel[:p, :p]
         spec = torch.fft.rfft2(kpad)
-        if len(_KERNEL_SPECTRA) > 256:
+        used = sum(v.numel() * v.element_size() for v in _KERNEL_SPECTRA.values())
+        if used + spec.numel() * spec.element_size() > _KERNEL_CACHE_BYTES:
             _KERNEL_SPECTRA.clear()
         _KERNEL_SPECTRA[key] = spec
     return spec
