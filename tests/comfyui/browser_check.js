@@ -17,7 +17,28 @@ async function openPage(browser) {
   await page.goto(url, { waitUntil: 'networkidle', timeout: 60000 });
   await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas, null, { timeout: 60000 });
   await page.waitForTimeout(500);
+  // first-run dialogs (template browser) would cover the canvas
+  await page.evaluate(async () => {
+    try { await window.app.extensionManager.setting.set('Comfy.TutorialCompleted', true); } catch (e) { /* older */ }
+  });
+  await closeDialogs(page);
   return page;
+}
+
+async function fitView(page) {
+  await page.evaluate(() => {
+    const app = window.app;
+    const nodes = app.graph._nodes;
+    const minX = Math.min(...nodes.map((n) => n.pos[0])), minY = Math.min(...nodes.map((n) => n.pos[1] - 30));
+    const maxX = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])), maxY = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
+    const el = app.canvas.canvas.getBoundingClientRect();
+    const W = el.width - 60, H = el.height - 60;
+    const scale = Math.min(W / (maxX - minX), H / (maxY - minY), 1.1);
+    app.canvas.ds.scale = scale;
+    app.canvas.ds.offset = [(el.width / scale - (maxX - minX)) / 2 - minX, (el.height / scale - (maxY - minY)) / 2 - minY];
+    app.canvas.setDirty(true, true);
+  });
+  await page.waitForTimeout(500);
 }
 
 async function load(page, wf) {
@@ -53,8 +74,8 @@ async function closeDialogs(page) {
       const prompt = await page.evaluate(async () => (await window.app.graphToPrompt()).output);
       result[name] = { missing, prompt, nodes: await page.evaluate(() => window.app.graph._nodes.map((n) => n.type)) };
       if (process.env.SHOTS) {
-        await page.evaluate(() => { window.app.canvas.ds.scale = 0.62; window.app.canvas.ds.offset = [30, 380]; window.app.canvas.setDirty(true, true); });
-        await page.waitForTimeout(400);
+        await closeDialogs(page);
+        await fitView(page);
         await page.screenshot({ path: path.join(process.env.SHOTS, name.replace(/\.json$/, '.png')) });
       }
       await closeDialogs(page);
@@ -106,7 +127,13 @@ async function closeDialogs(page) {
     await page.mouse.click(target.x, target.y);
     await page.waitForTimeout(600);
     result.after = await read();
-    if (process.env.SHOTS) await page.screenshot({ path: path.join(process.env.SHOTS, 'focus_picker.png') });
+    if (process.env.SHOTS) {
+      // the whole graph after a run with the new focus: previews and the result visible
+      await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
+      await page.waitForTimeout(8000);
+      await fitView(page);
+      await page.screenshot({ path: path.join(process.env.SHOTS, 'classical_after_run.png') });
+    }
   } else {
     throw new Error('unknown mode ' + mode);
   }
