@@ -69,14 +69,18 @@ def encode_with_comfy_clip(clip, prompt: str, min_length: int = T5_MAX_LENGTH) -
     """Encode a stage prompt with ComfyUI's FLUX text encoder (DualCLIPLoader: clip_l + t5xxl, type
     flux) exactly as the reference does: T5 padded to 512 tokens without attention mask, CLIP-L's
     pooled output; the text position ids are all zero."""
-    tokens = clip.tokenize(prompt, tokenizer_options={"t5xxl_min_length": min_length})
+    try:
+        tokens = clip.tokenize(prompt, tokenizer_options={"t5xxl_min_length": min_length})
+    except TypeError:  # ComfyUI before 0.3.31 has no tokenizer options
+        raise InputError("This ComfyUI cannot pad T5 to 512 tokens (tokenizer option t5xxl_min_length, ComfyUI "
+                         "0.3.31 or newer). Update ComfyUI or use a prompt-embeddings file instead.") from None
     if not isinstance(tokens, dict) or "t5xxl" not in tokens or "l" not in tokens:
         raise InputError("The connected CLIP is not FLUX's text encoder: load clip_l + t5xxl with DualCLIPLoader "
                          "(type 'flux'), or leave 'clip' unconnected and use a prompt-embeddings file.")
     cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     if cond.ndim != 3 or cond.shape[1] != min_length:
         raise InputError(f"The text encoder returned {tuple(cond.shape)}: T5 must be padded to {min_length} tokens "
-                         "(ComfyUI's tokenizer option t5xxl_min_length, available since ComfyUI 0.3.40). Update "
+                         "(ComfyUI's tokenizer option t5xxl_min_length, ComfyUI 0.3.31 or newer). Update "
                          "ComfyUI or use a prompt-embeddings file instead.")
     if pooled is None:
         raise InputError("The connected CLIP gave no pooled output (CLIP-L is needed besides T5).")
