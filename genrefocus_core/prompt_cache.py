@@ -8,7 +8,7 @@ text position ids [512, 3].
 
 Cache entries are safetensors files named by sha256(encoder identity, prompt, max_length) in a
 directory (default `~/.cache/genrefocus/prompt_embeds`, or $GENREFOCUS_CACHE_DIR/prompt_embeds, or
-the `cache_dir` argument). The encoder identity is a fingerprint of the encoder files (size, header and
+the `cache_dir` argument). The encoder identity is a fingerprint of the encoder weight files (size, header and
 sampled bytes), so another T5 checkpoint never reuses embeddings of a different one. Inside ComfyUI
 the node layer encodes with the user's CLIP loader and hands the tensors plus its own identity string
 to `store_prompt_embedding` / `get_prompt_embeddings(precomputed=...)`.
@@ -142,20 +142,19 @@ class PromptEncoder:
 
     @property
     def identity(self) -> str:
-        from .flux_loading import tokenizer_folders
-
+        """Fingerprint of the two encoders' weights. The tokenizers are not part of it: CLIP-L's and
+        T5's vocabularies are fixed by the models, so a cache hit needs no tokenizer folder at all."""
         parts = [_source_fingerprint(self.clip_l, ("text_encoder",), "clip_l"),
                  _source_fingerprint(self.t5, ("text_encoder_2",), "t5")]
-        parts += [folder_fingerprint(d) for d in tokenizer_folders(self.tokenizer_dir)]
         return "flux-clip-l+t5:" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def load(self):
         if self._models is None:
             from . import flux_loading as fl
 
+            clip_tok, t5_tok = fl.load_tokenizers(self.tokenizer_dir)  # first: small, and fails fast
             clip = fl.load_clip_text_encoder(self.clip_l, self.dtype, config_dir=self.clip_config_dir)
             t5 = fl.load_t5_encoder(self.t5, self.dtype, config_dir=self.t5_config_dir)
-            clip_tok, t5_tok = fl.load_tokenizers(self.tokenizer_dir)
             self._models = (clip.to(self.device), clip_tok, t5.to(self.device), t5_tok)
             self.loads += 1
         return self._models

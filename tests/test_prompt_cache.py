@@ -43,6 +43,12 @@ def test_single_file_encoders_with_tokenizer_folder(pipe_dir, reference, tmp_pat
     emb = pc.get_prompt_embeddings("bokeh", enc, cache_dir=tmp_path / "cache")
     assert torch.allclose(emb.prompt_embeds, reference["bokeh_prompt_embeds"], atol=1e-6)
     assert torch.allclose(emb.pooled, reference["bokeh_pooled_prompt_embeds"], atol=1e-6)
+    # later runs hit the cache without any tokenizer folder; a miss then asks for one
+    no_tok = pc.PromptEncoder(clip_l=clip_file, t5=t5_file, clip_config_dir=pipe_dir / "text_encoder",
+                              t5_config_dir=pipe_dir / "text_encoder_2")
+    assert torch.equal(pc.get_prompt_embeddings("bokeh", no_tok, cache_dir=tmp_path / "cache").pooled, emb.pooled)
+    with pytest.raises(MissingModelFileError, match="tokenizer"):
+        pc.get_prompt_embeddings("deblur", no_tok, cache_dir=tmp_path / "cache")
     # identity follows the files: other weights -> another identity -> no reuse
     sd = load_file(str(t5_file))
     sd["encoder.final_layer_norm.weight"] = sd["encoder.final_layer_norm.weight"] * 2
