@@ -49,8 +49,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     m.add_argument("--diffusers-dir", help="FLUX.1-dev diffusers folder (any part not given as a file comes from it)")
     m.add_argument("--flux", help="flux1-dev*.safetensors (original layout, bf16 or fp8) or a transformer folder")
     m.add_argument("--vae", help="ae.safetensors")
-    m.add_argument("--clip-l", help="clip_l.safetensors (only needed while a prompt is not cached)")
-    m.add_argument("--t5", help="t5xxl_*.safetensors (only needed while a prompt is not cached)")
+    m.add_argument("--clip-l", help="clip_l.safetensors (fingerprinted to find cached prompts; loaded only "
+                   "to encode a prompt that is not cached yet)")
+    m.add_argument("--t5", help="t5xxl_*.safetensors (likewise; freed before FLUX loads)")
     m.add_argument("--tokenizer-dir", help="diffusers folder (tokenizer/, tokenizer_2/) or a ComfyUI install, for the "
                    "CLIP/T5 tokenizers (default --diffusers-dir)")
     m.add_argument("--prompt-embeds", help="precomputed <stage>_prompt_embeds safetensors (skips the encoders)")
