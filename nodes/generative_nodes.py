@@ -20,7 +20,8 @@ from genrefocus_core.images import to_image_batch
 from genrefocus_core.loader import ADAPTER_STAGES, load_genrefocus, resolve_prompt_embeddings
 from genrefocus_core.memory import MEMORY_MODES
 from genrefocus_core.pipeline import BOKEH_SEED, GenRefocusPipeline
-from genrefocus_core.prompt_cache import STAGE_PROMPTS, T5_MAX_LENGTH
+from genrefocus_core.prompt_cache import (STAGE_PROMPTS, T5_MAX_LENGTH, default_cache_dir, read_cached,
+                                          store_prompt_embedding)
 from genrefocus_core.prompt_embedding import PromptEmbedding
 from genrefocus_core.sampling import SamplerSettings
 
@@ -32,6 +33,9 @@ log = logging.getLogger("GenRefocus")
 NONE = "none"
 MEMORY_CHOICES = ["auto"] + list(MEMORY_MODES)
 DEBLUR_SEED = 42  # the reference's deblur script seeds everything with 42
+# Encodings made with ComfyUI's FLUX text encoder go into the core's prompt cache under this identity, so
+# later runs can leave the (10 GB) text encoder out entirely.
+COMFY_CLIP_IDENTITY = "comfyui:flux-text-encoder(clip_l+t5xxl)"
 # adapter -> (node input, typical file)
 LORA_INPUTS = {
     "deblurring": ("deblur_lora", "deblurNet.safetensors"),
@@ -89,6 +93,30 @@ def encode_with_comfy_clip(clip, prompt: str, min_length: int = T5_MAX_LENGTH) -
     return PromptEmbedding(prompt_embeds=cond, pooled=pooled, text_ids=torch.zeros(cond.shape[1], 3))
 
 
+def stage_embeddings(stages, clip=None, prompt_file: str = NONE) -> dict:
+    """{stage: PromptEmbedding}: encoded with the connected CLIP (and cached on disk), else from the chosen
+    prompt-embeddings file, else from the disk cache of an earlier CLIP encoding."""
+    if clip is not None:
+        out = {}
+        for s in stages:
+            out[s] = encode_with_comfy_clip(clip, STAGE_PROMPTS[s])
+            try:
+                store_prompt_embedding(COMFY_CLIP_IDENTITY, s, out[s])
+            except OSError as e:  # a read-only home: no cache, still fine for this run
+                log.warning("GenRefocus: could not cache the %s prompt embedding: %s", s, e)
+        return out
+    if prompt_file and prompt_file != NONE:
+        return resolve_prompt_embeddings(stages, comfy_bridge.model_path("genrefocus", prompt_file))
+    cached = {s: read_cached(default_cache_dir(), COMFY_CLIP_IDENTITY, STAGE_PROMPTS[s]) for s in stages}
+    if all(v is not None for v in cached.values()):
+        log.info("GenRefocus: stage prompts from the cache in %s", default_cache_dir())
+        return cached
+    raise InputError("Load GenRefocus needs the stage prompts: connect the FLUX text encoder (DualCLIPLoader with "
+                     "clip_l + t5xxl, type flux) to 'clip' (once is enough: the encodings are then cached in "
+                     f"{default_cache_dir()}), or choose a prompt_embeddings file "
+                     f"(in {comfy_bridge.folder_hint('genrefocus')}).")
+
+
 class GenRefocusModel:
     """What travels in GENREFOCUS_MODEL: the pipeline plus what it was built from."""
 
@@ -136,7 +164,8 @@ class GenRefocusLoadModel:
                                               "(deblurNet_with_pre_deblur.safetensors).", default=NONE)),
                 "aperture_lora": (ours, tip("Optional aperture-shape LoRA for BokehNet's APERTURE input (works on "
                                             "top of BokehNet; not released by the authors).", default=NONE)),
-                "prompt_embeddings": (ours, tip("Used when no CLIP is connected: a safetensors file in "
+                "prompt_embeddings": (ours, tip("Used when no CLIP is connected (else the cached encodings of an "
+                                                "earlier run with CLIP): a safetensors file in "
                                                 "models/genrefocus with the encoded stage prompts "
                                                 "(<stage>_prompt_embeds, <stage>_pooled_prompt_embeds, "
                                                 "<stage>_text_ids).", default=NONE)),
@@ -147,7 +176,8 @@ class GenRefocusLoadModel:
             },
             "optional": {
                 "clip": ("CLIP", tip("FLUX text encoder from DualCLIPLoader (clip_l + t5xxl, type flux) to encode "
-                                     "the two fixed stage prompts; it is unloaded before FLUX loads.")),
+                                     "the two fixed stage prompts; it is unloaded before FLUX loads. The encodings "
+                                     "are cached on disk, so later runs work without it.")),
             },
         }
 
@@ -169,14 +199,7 @@ class GenRefocusLoadModel:
             raise InputError("Load GenRefocus: choose at least one LoRA (deblur_lora and/or bokeh_lora); put "
                              f"deblurNet.safetensors / bokehNet.safetensors in {comfy_bridge.folder_hint('genrefocus')}.")
         stages = sorted({ADAPTER_STAGES[a] for a in loras})
-        if clip is not None:
-            embeddings = {s: encode_with_comfy_clip(clip, STAGE_PROMPTS[s]) for s in stages}
-        elif prompt_embeddings and prompt_embeddings != NONE:
-            embeddings = resolve_prompt_embeddings(stages, comfy_bridge.model_path("genrefocus", prompt_embeddings))
-        else:
-            raise InputError("Load GenRefocus needs the stage prompts: connect the FLUX text encoder (DualCLIPLoader "
-                             "with clip_l + t5xxl, type flux) to 'clip', or choose a prompt_embeddings file "
-                             f"(in {comfy_bridge.folder_hint('genrefocus')}).")
+        embeddings = stage_embeddings(stages, clip, prompt_embeddings)
         device = comfy_bridge.torch_device()
         key = (_stamp(flux_path), _stamp(vae_path), mode, str(device))
         lora_stamps = {a: _stamp(p) for a, p in loras.items()}
