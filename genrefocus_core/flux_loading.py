@@ -395,7 +395,8 @@ def load_clip_text_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, c
     if p is not None and p.is_dir():
         folder = mf.require_diffusers_component(p, "text_encoder", "clip_l")
         with offline_hub():
-            model = CLIPTextModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+            # .to(dtype) too: transformers < 4.56 call the argument torch_dtype and ignore `dtype`
+            model = CLIPTextModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(dtype)
     else:
         path = mf.require_file(p, "clip_l")
         cfg_dir = _config_dir(config_dir, CLIP_L_CONFIG)
@@ -421,7 +422,7 @@ def load_t5_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, config_d
     if p is not None and p.is_dir():
         folder = mf.require_diffusers_component(p, "text_encoder_2", "t5")
         with offline_hub():
-            model = T5EncoderModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+            model = T5EncoderModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(dtype)
     else:
         path = mf.require_file(p, "t5")
         cfg_dir = _config_dir(config_dir, T5_XXL_CONFIG)
