@@ -395,7 +395,7 @@ def load_clip_text_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, c
     if p is not None and p.is_dir():
         folder = mf.require_diffusers_component(p, "text_encoder", "clip_l")
         with offline_hub():
-            # .to(dtype) too: transformers < 4.56 call the argument torch_dtype and ignore `dtype`
+            # .to(dtype) too: older transformers name the argument torch_dtype and ignore `dtype`
             model = CLIPTextModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(dtype)
     else:
         path = mf.require_file(p, "clip_l")
