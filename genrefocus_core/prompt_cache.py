@@ -248,7 +248,8 @@ def _as_embedding(precomputed) -> PromptEmbedding:
 
 def store_prompt_embedding(identity: str, stage_or_prompt: str, precomputed, cache_dir=None,
                            max_length: int = T5_MAX_LENGTH) -> PromptEmbedding:
-    """Put tensors encoded elsewhere (e.g. by ComfyUI's CLIP) into the cache under `identity`."""
+    """Put tensors encoded elsewhere (e.g. by ComfyUI's CLIP) into the cache under `identity`
+    (an unwritable cache folder only warns)."""
     if not identity:
         raise InputError("An encoder identity string is needed to cache precomputed prompt embeddings.")
     emb = _as_embedding(precomputed)
@@ -256,7 +257,7 @@ def store_prompt_embedding(identity: str, stage_or_prompt: str, precomputed, cac
         raise InputError(f"Precomputed T5 embedding has {emb.prompt_embeds.shape[1]} tokens; the GenRefocus "
                          f"stages expect {max_length} (T5 padded to {max_length}, e.g. ComfyUI's "
                          f"t5xxl_min_length={max_length}).")
-    write_cached(cache_dir or default_cache_dir(), identity, resolve_prompt(stage_or_prompt), emb, max_length)
+    _try_write(cache_dir or default_cache_dir(), identity, resolve_prompt(stage_or_prompt), emb, max_length)
     return emb
 
 
