@@ -42,11 +42,13 @@ def to_project_aperture(aperture):
 _cache = {}
 
 
-def render(image, disparity, focus_disparity, K, aperture):
+def render(image, disparity, focus_disparity, K, aperture, quality="balanced"):
+    """measure.py's interface; `quality` can be set with measure.py --kwargs '{"quality": "fast"}'."""
     key = id(aperture)
     if key not in _cache:
         _cache[key] = to_project_aperture(aperture)
     out = render_bokeh(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None],
                        torch.from_numpy(np.ascontiguousarray(disparity, np.float32))[None],
-                       float(focus_disparity), float(K), _cache[key], colorspace="linear", flip_front=False)
+                       float(focus_disparity), float(K), _cache[key], colorspace="linear", flip_front=False,
+                       quality=quality)
     return out[0].numpy()

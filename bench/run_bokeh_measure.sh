@@ -10,6 +10,8 @@ SCENES="${BOKEH_SCENES:-$HOME/.cache/genrefocus-bokeh-scenes}"
 SIZES="${SIZES:-512 1024}"
 APERTURES="${APERTURES:-circle poly6}"
 OUT="${OUT:-/tmp}"
+KWARGS="${KWARGS:-}"   # e.g. KWARGS='{"quality": "fast"}'
+[ -n "$KWARGS" ] || KWARGS='{}'
 export BOKEH_THREADS="${BOKEH_THREADS:-2}" BOKEH_SCENES="$SCENES"
 for s in $SIZES; do
   [ -f "$SCENES/flat_$s.npz" ] || python "$TOOLS/make_scenes.py" --sizes "$s" --out "$SCENES"
@@ -18,6 +20,6 @@ echo "machine: $(nproc) cores, torch threads $BOKEH_THREADS, $(uptime | sed 's/.
 for ap in $APERTURES; do
   echo "== aperture $ap"
   python "$TOOLS/measure.py" --renderer bench/bokeh_adapter.py:render --sizes $SIZES --timing-sizes $SIZES \
-    --aperture "$ap" --json "$OUT/bokeh_measure_$ap.json" | grep -v "^     {"
+    --aperture "$ap" --kwargs "$KWARGS" --json "$OUT/bokeh_measure_$ap.json" | grep -v "^     {"
 done
 echo "after: $(uptime | sed 's/.*load/load/')"
