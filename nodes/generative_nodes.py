@@ -164,8 +164,8 @@ class GenRefocusLoadModel:
                                               "(deblurNet_with_pre_deblur.safetensors).", default=NONE)),
                 "aperture_lora": (ours, tip("Optional aperture-shape LoRA for BokehNet's APERTURE input (works on "
                                             "top of BokehNet; not released by the authors).", default=NONE)),
-                "prompt_embeddings": (ours, tip("Used when no CLIP is connected (else the cached encodings of an "
-                                                "earlier run with CLIP): a safetensors file in "
+                "prompt_embeddings": (ours, tip("Used when no CLIP is connected ('none': the cached encodings of "
+                                                "an earlier run with CLIP): a safetensors file in "
                                                 "models/genrefocus with the encoded stage prompts "
                                                 "(<stage>_prompt_embeds, <stage>_pooled_prompt_embeds, "
                                                 "<stage>_text_ids).", default=NONE)),
@@ -286,6 +286,14 @@ def _model(model) -> GenRefocusPipeline:
     return model.pipeline
 
 
+def _require_adapter(pipe: GenRefocusPipeline, adapter: str, node: str) -> None:
+    """The LoRA a node needs must have been chosen in Load GenRefocus; say which input and file."""
+    if adapter not in pipe.adapters:
+        field, typical = LORA_INPUTS[adapter]
+        raise InputError(f"{node} needs the '{adapter}' LoRA: choose {typical} as '{field}' in Load GenRefocus "
+                         f"(files in {comfy_bridge.folder_hint('genrefocus')}).")
+
+
 def _settings(sampler, default_seed: int) -> SamplerSettings:
     if sampler is None:
         return SamplerSettings(seed=default_seed)
@@ -334,6 +342,11 @@ class GenRefocusDeblurNet:
 
     def deblur(self, genrefocus_model, image, variant, pre_deblurred=None, sampler=None):
         pipe = _model(genrefocus_model)
+        have = pipe.adapters
+        if variant == "pre_deblur" or (variant == "auto" and pre_deblurred is not None):
+            _require_adapter(pipe, "pre_deblur", "DeblurNet")
+        elif not (variant == "auto" and "pre_deblur" in have):  # auto runs the pre-deblur variant if only it is loaded
+            _require_adapter(pipe, "deblurring", "DeblurNet")
         settings = _settings(sampler, DEBLUR_SEED)
         images = to_image_batch(image, "image")
         return (_run_stage(pipe, settings, lambda cb: pipe.deblur(images, pre_deblurred=pre_deblurred,
@@ -368,6 +381,9 @@ class GenRefocusBokehNet:
 
     def refocus(self, genrefocus_model, image, defocus, aperture=None, sampler=None):
         pipe = _model(genrefocus_model)
+        _require_adapter(pipe, "bokeh", "BokehNet")
+        if aperture is not None:
+            _require_adapter(pipe, "aperture", "BokehNet with an aperture shape")
         if not isinstance(defocus, DefocusData):
             raise InputError("BokehNet: 'defocus' must come from the Defocus Map node.")
         settings = _settings(sampler, BOKEH_SEED)

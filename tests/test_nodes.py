@@ -471,6 +471,10 @@ def test_generative_nodes_tiny(pack, tiny_models, monkeypatch, tmp_path):
     assert again is model  # cached between runs
     (fewer,) = loader().load(**{**LOAD_ARGS, "deblur_lora": "none"})
     assert fewer is model and model.pipeline.adapters == ["bokeh"]  # adapters swapped, FLUX kept
+    with pytest.raises(InputError, match="deblurNet.safetensors as 'deblur_lora'"):
+        gen.GenRefocusDeblurNet().deblur(fewer, torch.rand(1, 16, 16, 3), "auto")
+    with pytest.raises(InputError, match="aperture_lora"):
+        gen.GenRefocusBokehNet().refocus(fewer, torch.rand(1, 16, 16, 3), None, aperture=object())
     (model,) = loader().load(**LOAD_ARGS)
     (sampler,) = gen.GenRefocusTiledSampler().make(2, 7, "off", 512, 64, 1, 0.0)
     assert sampler.steps == 2 and sampler.seed == 7 and sampler.tiled is False and sampler.guidance is None
