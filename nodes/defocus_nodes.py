@@ -79,9 +79,9 @@ class GenRefocusDefocusMap:
                                                  default=50.0, min=1.0, max=2000.0, step=0.5)),
                 "sensor_width_mm": ("FLOAT", tip("Sensor width in millimetres (36 = full frame; blur_mode 'lens').",
                                                  default=36.0, min=1.0, max=200.0, step=0.1)),
-                "focus_distance_m": ("FLOAT", tip("Distance the lens is focused at, in metres (blur_mode 'lens'; "
-                                                  "used for K only, the focal plane still comes from focus_mode).",
-                                                  default=2.0, min=0.01, max=10000.0, step=0.01)),
+                "focus_distance_m": ("FLOAT", tip("blur_mode 'lens': distance the lens is focused at, in metres; "
+                                                  "0 = the depth of the chosen focal plane (physically consistent).",
+                                                  default=0.0, min=0.0, max=10000.0, step=0.01)),
             },
             "optional": {
                 "focus_mask": ("MASK", tip("In-focus region for focus_mode 'mask' (white = keep sharp).")),
@@ -120,20 +120,34 @@ class GenRefocusDefocusMap:
         if blur_mode == "lens":
             if not depth.metric:
                 raise InputError("DefocusMap: blur_mode 'lens' needs metric depth (1/m disparity); this depth is "
-                                 "relative. Use blur_mode 'K', or mark the depth as metric.")
-            k = blur_level_from_lens(f_number, focal_length_mm, sensor_width_mm, focus_distance_m, max(H, W))
+                                 "relative. Use blur_mode 'K', or a metric depth source.")
+            ks = lens_blur_levels(f, f_number, focal_length_mm, sensor_width_mm, focus_distance_m, max(H, W))
         elif blur_mode == "K":
-            k = K
+            ks = [check_blur_level(K)] * B
         else:
             raise InputError(f"DefocusMap: unknown blur_mode {blur_mode!r}; use one of {BLUR_MODES}.")
-        k = check_blur_level(k)
-        coc = signed_coc(disp, f, k)
-        data = DefocusData(signed_coc=coc, disparity=disp, focus_disparity=f, K=k,
-                           extra={"focus_mode": focus_mode, "metric": depth.metric})
+        coc = torch.cat([signed_coc(disp[b:b + 1], f[b:b + 1], ks[b]) for b in range(B)])
+        data = DefocusData(signed_coc=coc, disparity=disp, focus_disparity=f, K=float(ks[0]),
+                           extra={"focus_mode": focus_mode, "metric": depth.metric, "K_per_image": ks})
         preview = defocus_preview(coc, image)
         ui = comfy_bridge.save_preview_images(preview, "genrefocus_defocus")
         return {"ui": {"images": ui, "genrefocus_focus": [[float(focus_x), float(focus_y)]]},
                 "result": (data, preview)}
+
+
+def lens_blur_levels(focus: torch.Tensor, f_number, focal_length_mm, sensor_width_mm, focus_distance_m,
+                     long_edge_px: int) -> list[float]:
+    """K per image from thin-lens parameters; the focus distance is given, or (0) that of the focal plane,
+    1 / focus disparity (a focal plane at infinity, disparity 0, gives the limit f^2 / 2N)."""
+    out = []
+    for d in focus.tolist():
+        if focus_distance_m and focus_distance_m > 0:
+            dist = float(focus_distance_m)
+        else:
+            dist = 1.0 / d if d > 1e-9 else 1e9
+        out.append(check_blur_level(blur_level_from_lens(f_number, focal_length_mm, sensor_width_mm, dist,
+                                                         long_edge_px)))
+    return out
 
 
 def focus_disparity_at(disp: torch.Tensor, fx: float, fy: float) -> torch.Tensor:

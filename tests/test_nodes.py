@@ -264,7 +264,7 @@ def _depth(pack, disparity, metric=True):
 
 
 DEFAULTS = dict(focus_mode="point", focus_x=0.5, focus_y=0.5, focus_disparity=0.5, blur_mode="K", K=20.0,
-                f_number=2.0, focal_length_mm=50.0, sensor_width_mm=36.0, focus_distance_m=2.0)
+                f_number=2.0, focal_length_mm=50.0, sensor_width_mm=36.0, focus_distance_m=0.0)
 
 
 def test_defocus_map_point_mask_value(pack):
@@ -298,8 +298,15 @@ def test_defocus_map_lens_and_errors(pack):
     from genrefocus_core.errors import InputError
     node = _node(pack, "GenRefocusDefocusMap")
     disp = torch.rand(1, 16, 24) + 0.1
-    data = node.build(_depth(pack, disp), **{**DEFAULTS, "blur_mode": "lens"})["result"][0]
+    data = node.build(_depth(pack, disp), **{**DEFAULTS, "blur_mode": "lens", "focus_distance_m": 2.0})["result"][0]
     assert data.K == pytest.approx(blur_level_from_lens(2.0, 50.0, 36.0, 2.0, 24))
+    # focus distance 0: that of the focal plane, per image of a batch
+    two = torch.stack([torch.full((16, 24), 0.5), torch.full((16, 24), 0.25)])
+    two[:, 0, 0] = 1.0
+    data = node.build(_depth(pack, two), **{**DEFAULTS, "blur_mode": "lens"})["result"][0]
+    k = [blur_level_from_lens(2.0, 50.0, 36.0, d, 24) for d in (2.0, 4.0)]
+    assert data.extra["K_per_image"] == pytest.approx(k)
+    assert data.signed_coc[0, 0, 0] == pytest.approx(k[0] * 0.5) and data.signed_coc[1, 0, 0] == pytest.approx(k[1] * 0.75)
     with pytest.raises(InputError, match="metric"):
         node.build(_depth(pack, disp, metric=False), **{**DEFAULTS, "blur_mode": "lens"})
     with pytest.raises(InputError, match="focus_mask"):
