@@ -1,7 +1,6 @@
 """ClassicalBokeh: the physically based depth-of-field renderer (no weights, CPU or GPU)."""
 from __future__ import annotations
 
-import torch
 
 from genrefocus_core.classical_bokeh import QUALITY_PRESETS, render_bokeh
 from genrefocus_core.errors import InputError

@@ -8,13 +8,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import INPUT_SIZE, PACK_NAME, ROOT, WORKFLOWS, WebSocketMessages, errors_of
+from conftest import INPUT_SIZE, PACK_NAME, ROOT, WebSocketMessages, errors_of
 
 pytestmark = pytest.mark.comfyui
 
