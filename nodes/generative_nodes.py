@@ -239,8 +239,8 @@ class GenRefocusTiledSampler:
         return {
             "required": {
                 "steps": ("INT", tip("Denoising steps (the paper uses 28).", default=28, min=1, max=200, step=1)),
-                "seed": ("INT", tip("Seed of the initial noise; keep it fixed to compare blur settings on the same "
-                                    "render.", default=BOKEH_SEED, min=0, max=0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", tip("Seed of the initial noise; keep it fixed ('control after generate' = fixed) to "
+                                    "compare blur settings on the same render.", default=BOKEH_SEED, min=0, max=0xFFFFFFFFFFFFFFFF,
                                     control_after_generate=True)),
                 "tiling": (["auto", "on", "off"], tip("auto: tiles when the short side is >= 512 px (the reference's "
                                                       "rule); needed above ~1000 px to avoid artefacts.",
