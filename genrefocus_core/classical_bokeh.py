@@ -78,7 +78,7 @@ def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVE
                  coarse_radius: float = COARSE_RADIUS) -> list[Level]:
     """Unsigned level ladder covering [0, max_radius].
 
-    Levels 1, 2, ... then spaced by level_step * r. A level is rendered on a grid `scale` times coarser
+    Levels 1, 2, ... up to coarse_radius, then at least 2 px and level_step * r apart. A level is rendered on a grid `scale` times coarser
     (a power of two) once its radius on that grid stays >= coarse_radius; its edge ramp is then at least
     2 coarse pixels (so bilinear interpolation keeps the half-maximum outline exact) and the spacing to
     the next level grows to the ramp width. Ramp widths are >= the spacing to both neighbours.
@@ -93,7 +93,7 @@ def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVE
         scale = 1
         while r >= 2 * scale * coarse_radius:
             scale *= 2
-        delta = max(1.0, r * level_step, 2.0 * scale if scale > 1 else 1.0)
+        delta = max(1.0, r * level_step, 2.0 * scale if scale > 1 else (2.0 if r >= coarse_radius else 1.0))
         # plateau_norm = sum of the un-normalised kernel (its centre value is 1) times scale^2
         raw = aperture.ramp_kernel(r / scale, delta / scale, dtype=torch.float64, normalize=False)
         levels.append(Level(r, delta, scale, float(raw.sum()) * scale * scale))
