@@ -194,18 +194,34 @@ def fft_convolve(x: torch.Tensor, kernel: torch.Tensor, zero_margin: bool = Fals
 
 
 def _splat_dim(x: torch.Tensor, scale: int, dim: int) -> torch.Tensor:
-    """Bilinear splat along `dim` (the adjoint of bilinear interpolation with align_corners=False);
-    x's length along dim is a multiple of scale, one coarse cell per `scale` samples."""
-    x = x.movedim(dim, -1)
-    cells = x.shape[-1] // scale
-    xr = x.reshape(*x.shape[:-1], cells, scale)
-    d = (torch.arange(scale, dtype=x.dtype, device=x.device) + 0.5) / scale - 0.5
-    weights = torch.stack([1 - d.abs(), d.clamp_min(0), (-d).clamp_min(0)], dim=1)  # own, next, previous
-    parts = xr @ weights  # [..., cells, 3]
-    out = parts[..., 0].clone()
-    out[..., 1:] += parts[..., :-1, 1]
-    out[..., :-1] += parts[..., 1:, 2]
-    return out.movedim(-1, dim)
+    """Bilinear splat along dim 2 or 3 of [N,C,H,W] (the adjoint of bilinear interpolation with
+    align_corners=False); that dim's length is a multiple of scale, one coarse cell per `scale` samples."""
+    d = ((torch.arange(scale, dtype=torch.float64) + 0.5) / scale - 0.5).tolist()
+    own = [1.0 - abs(v) for v in d]
+    cells = x.shape[dim] // scale
+    if dim == 3:
+        xr = x.unflatten(3, (cells, scale))  # [N,C,H,cells,scale]: contract the contiguous last dim
+        w = torch.tensor([own, [max(v, 0.0) for v in d], [max(-v, 0.0) for v in d]], dtype=x.dtype,
+                         device=x.device).T
+        parts = xr @ w  # [N,C,H,cells,3]
+        out = parts[..., 0].clone()
+        out[..., 1:] += parts[..., :-1, 1]
+        out[..., :-1] += parts[..., 1:, 2]
+        return out
+    xr = x.unflatten(2, (cells, scale))  # [N,C,cells,scale,W]: accumulate row by row (no transposes)
+    out = torch.zeros(x.shape[0], x.shape[1], cells, x.shape[3], dtype=x.dtype, device=x.device)
+    nxt = torch.zeros_like(out)
+    prv = torch.zeros_like(out)
+    for q, v in enumerate(d):
+        row = xr[:, :, :, q]
+        out.add_(row, alpha=own[q])
+        if v > 0:
+            nxt.add_(row, alpha=v)
+        elif v < 0:
+            prv.add_(row, alpha=-v)
+    out[:, :, 1:] += nxt[:, :, :-1]
+    out[:, :, :-1] += prv[:, :, 1:]
+    return out
 
 
 def _splat(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -366,8 +382,13 @@ class _LevelRenderer:
         s = level.scale
         margin = kernel.shape[-1] // 2 * s + (2 * s if s > 1 else 0)
         d = self.data[:, :, by0:by1, bx0:bx1]
-        canvas = torch.zeros(self.B, 4, by1 - by0 + 2 * margin, bx1 - bx0 + 2 * margin, dtype=d.dtype, device=d.device)
-        inner = canvas[:, :, margin:margin + by1 - by0, margin:margin + bx1 - bx0]
+        h, w = by1 - by0 + 2 * margin, bx1 - bx0 + 2 * margin
+        # on a coarse grid: one empty coarse cell before the content and whole cells throughout (see _splat)
+        lead = s if s > 1 else 0
+        ch = h if s == 1 else (-(-h // s) + 2) * s
+        cw = w if s == 1 else (-(-w // s) + 2) * s
+        canvas = torch.zeros(self.B, 4, ch, cw, dtype=d.dtype, device=d.device)
+        inner = canvas[:, :, lead + margin:lead + margin + by1 - by0, lead + margin:lead + margin + bx1 - bx0]
         alpha = inner[:, 3]
         torch.mul(d[:, 3], d[:, 5] == idx, out=alpha)
         alpha.addcmul_(d[:, 4], d[:, 6] == idx)
@@ -375,8 +396,9 @@ class _LevelRenderer:
         y0, x0 = by0 - margin, bx0 - margin
         if s == 1:
             return fft_convolve(canvas, kernel, zero_margin=True), y0, x0
-        low = fft_convolve(_splat(canvas, s) / float(s * s), kernel, zero_margin=True)
-        return _upsample(low, s, tuple(canvas.shape[-2:])), y0, x0
+        low = _splat_dim(_splat_dim(canvas, s, 3), s, 2).div_(float(s * s))
+        low = fft_convolve(low, kernel, zero_margin=True)
+        return _upsample(low, s, (h, w)), y0, x0
 
 
 def _clip(y0: int, x0: int, h: int, w: int, H: int, W: int):
