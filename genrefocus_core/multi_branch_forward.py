@@ -247,12 +247,18 @@ def _modulations(norm, main_temb: torch.Tensor, cond_temb: torch.Tensor | None, 
     return main, per_cond
 
 
-def _modulate_main(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+def _modulate(x, shift, scale, out=None):
+    """x * (1 + scale) + shift in one pass (optionally written into `out`, a slice of the
+    concatenated branch sequence, which saves a concatenation). shift/scale broadcast to x."""
+    return torch.addcmul(shift, x, 1 + scale, out=out)
 
 
-def _modulate_cond(x, shift, scale):  # x [N, n, Lc, dim], shift/scale [N, n, dim]
-    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+def _main_mod(t):  # [N, dim] -> [N, 1, dim]
+    return t[:, None]
+
+
+def _cond_mod(t):  # [N, n, dim] -> [N, n, 1, dim]
+    return t[:, :, None]
 
 
 def _feed_forward(ff, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
@@ -269,12 +275,15 @@ def _double_block(block, img, txt, cond, temb, cst: BranchConstants, groups, gro
 
     txt_norm, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = block.norm1_context(txt, emb=temb)
     main_mod, cond_mod = _modulations(block.norm1, temb, cst.cond_temb, groups, group_index, 6)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = main_mod
-    x = _modulate_main(block.norm1.norm(img), shift_msa, scale_msa)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (_main_mod(m) for m in main_mod)
     if n:
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cond_mod
-        xc = _modulate_cond(block.norm1.norm(cond), c_shift_msa, c_scale_msa)
-        x = torch.cat([x, xc.flatten(1, 2)], dim=1)
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (_cond_mod(m) for m in cond_mod)
+
+    # [image, conditions] as one sequence, modulated per branch
+    x = img.new_empty(N, L + n * Lc, dim)
+    _modulate(block.norm1.norm(img), shift_msa, scale_msa, out=x[:, :L])
+    if n:
+        _modulate(block.norm1.norm(cond), c_shift_msa, c_scale_msa, out=x[:, L:].unflatten(1, (n, Lc)))
 
     attn_out, txt_attn = _attention(block.attn, x, segments, rope, txt.shape[1] + L, n, text=txt_norm)
     attn_out = lora_linear(block.attn.to_out[0], attn_out.contiguous(), segments)
@@ -282,21 +291,21 @@ def _double_block(block, img, txt, cond, temb, cst: BranchConstants, groups, gro
     txt_attn = block.attn.to_add_out(txt_attn.contiguous())
 
     # text branch (base weights only)
-    txt = txt + txt_attn * t_gate_msa.unsqueeze(1)
-    txt_ff = block.ff_context(_modulate_main(block.norm2_context(txt), t_shift_mlp, t_scale_mlp))
-    txt = _clip_fp16(txt_ff * t_gate_mlp.unsqueeze(1) + txt)
+    txt = torch.addcmul(txt, txt_attn, t_gate_msa.unsqueeze(1))
+    txt_ff = block.ff_context(_modulate(block.norm2_context(txt), t_shift_mlp[:, None], t_scale_mlp[:, None]))
+    txt = _clip_fp16(torch.addcmul(txt, txt_ff, t_gate_mlp.unsqueeze(1)))
 
     # image and condition branches
-    img = img + attn_out[:, :L] * gate_msa.unsqueeze(1)
-    h = _modulate_main(block.norm2(img), shift_mlp, scale_mlp)
+    img = torch.addcmul(img, attn_out[:, :L], gate_msa)
+    h = x  # reuse the buffer: the attention input is no longer needed
+    _modulate(block.norm2(img), shift_mlp, scale_mlp, out=h[:, :L])
     if n:
-        cond = cond + attn_out[:, L:].unflatten(1, (n, Lc)) * c_gate_msa[:, :, None]
-        hc = _modulate_cond(block.norm2(cond), c_shift_mlp, c_scale_mlp)
-        h = torch.cat([h, hc.flatten(1, 2)], dim=1)
+        cond = torch.addcmul(cond, attn_out[:, L:].unflatten(1, (n, Lc)), c_gate_msa)
+        _modulate(block.norm2(cond), c_shift_mlp, c_scale_mlp, out=h[:, L:].unflatten(1, (n, Lc)))
     ff_out = _feed_forward(block.ff, h, segments)
-    img = _clip_fp16(img + ff_out[:, :L] * gate_mlp.unsqueeze(1))
+    img = _clip_fp16(torch.addcmul(img, ff_out[:, :L], gate_mlp))
     if n:
-        cond = _clip_fp16(cond + ff_out[:, L:].unflatten(1, (n, Lc)) * c_gate_mlp[:, :, None])
+        cond = _clip_fp16(torch.addcmul(cond, ff_out[:, L:].unflatten(1, (n, Lc)), c_gate_mlp))
     return img, txt, cond
 
 
@@ -308,18 +317,18 @@ def _single_block(block, main, cond, temb, cst: BranchConstants, groups, group_i
     segments = _cond_segments(M, Lc, cst.cond_adapters)
 
     main_mod, cond_mod = _modulations(block.norm, temb, cst.cond_temb, groups, group_index, 3)
-    shift, scale, gate = main_mod
-    x = _modulate_main(block.norm.norm(main), shift, scale)
+    shift, scale, gate = (_main_mod(m) for m in main_mod)
+    x = main.new_empty(N, M + n * Lc, dim)
+    _modulate(block.norm.norm(main), shift, scale, out=x[:, :M])
     if n:
-        c_shift, c_scale, c_gate = cond_mod
-        xc = _modulate_cond(block.norm.norm(cond), c_shift, c_scale)
-        x = torch.cat([x, xc.flatten(1, 2)], dim=1)
+        c_shift, c_scale, c_gate = (_cond_mod(m) for m in cond_mod)
+        _modulate(block.norm.norm(cond), c_shift, c_scale, out=x[:, M:].unflatten(1, (n, Lc)))
     mlp = block.act_mlp(lora_linear(block.proj_mlp, x, segments))
     attn_out, _ = _attention(block.attn, x, segments, rope, M, n)
     out = lora_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), segments)
-    main = _clip_fp16(gate.unsqueeze(1) * out[:, :M] + main)
+    main = _clip_fp16(torch.addcmul(main, out[:, :M], gate))
     if n:
-        cond = _clip_fp16(c_gate[:, :, None] * out[:, M:].unflatten(1, (n, Lc)) + cond)
+        cond = _clip_fp16(torch.addcmul(cond, out[:, M:].unflatten(1, (n, Lc)), c_gate))
     return main, cond
 
 
