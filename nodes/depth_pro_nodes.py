@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ class DepthProModel:
         return f"DepthProModel({self.source}, {self.dtype})"
 
 
-_cache: dict = {}  # one entry: key -> DepthProModel (reused between runs, replaced when the choice changes)
+# One entry: key -> weak reference to the DepthProModel. ComfyUI's output cache keeps the model alive while
+# graphs use it (reused between runs); when ComfyUI frees its caches the model goes too.
+_cache: dict = {}
 
 
 def depth_pro_location(full_path: str) -> str:
@@ -75,14 +78,15 @@ class GenRefocusLoadDepthPro:
         else:
             raise InputError(f"Unknown precision {precision!r}; choose one of {PRECISIONS}.")
         key = (path, os.path.getmtime(path), str(dtype))
-        hit = _cache.get(key)
+        ref = _cache.get(key)
+        hit = ref() if ref is not None else None
         if hit is not None and not next(hit.model.parameters()).is_meta:
             return (hit,)
         _cache.clear()
         comfy_bridge.soft_empty_cache()
-        model = load_depth_pro(path, device=device, dtype=dtype)
-        _cache[key] = DepthProModel(model, path, dtype)
-        return (_cache[key],)
+        loaded = DepthProModel(load_depth_pro(path, device=device, dtype=dtype), path, dtype)
+        _cache[key] = weakref.ref(loaded)
+        return (loaded,)
 
 
 class GenRefocusDepthEstimate:

@@ -1,14 +1,16 @@
 """Generative nodes on FLUX.1-dev: LoadGenRefocus, DeblurNet, BokehNet and TiledSampler.
 
-The pipeline is cached between runs (one entry): a new run with the same FLUX/VAE/memory mode reuses
-the loaded weights; changed LoRA files are swapped as adapters and new prompt embeddings replace the
-old ones without reloading FLUX. ComfyUI's own models are unloaded before FLUX is loaded and before
+The pipeline is cached between runs: ComfyUI keeps the loader's output while the graph uses it, and
+this module keeps a weak reference to it, so a re-run with the same FLUX/VAE/memory mode reuses the
+loaded weights (changed LoRA files are swapped as adapters, new prompt embeddings replace the old ones,
+FLUX is not reloaded), while ComfyUI's "free memory" and cache eviction still release it. ComfyUI's own models are unloaded before FLUX is loaded and before
 each stage runs; in the offloading memory modes the core moves FLUX back to the CPU after each stage.
 """
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import diffusers  # noqa: F401  (the generative stages need diffusers and peft; without them only
@@ -127,7 +129,7 @@ class GenRefocusModel:
         return f"GenRefocusModel({self.memory_mode}, adapters={self.pipeline.adapters})"
 
 
-_cache: dict = {}  # {"key": base key, "model": GenRefocusModel, "loras": {adapter: (path, mtime)}}
+_cache: dict = {}  # {"key": base key, "model": weakref to GenRefocusModel, "loras": {adapter: (path, mtime)}}
 
 
 def _stamp(path: str | None):
@@ -203,7 +205,7 @@ class GenRefocusLoadModel:
         device = comfy_bridge.torch_device()
         key = (_stamp(flux_path), _stamp(vae_path), mode, str(device))
         lora_stamps = {a: _stamp(p) for a, p in loras.items()}
-        model = _cache.get("model") if _cache.get("key") == key else None
+        model = _cache["model"]() if _cache.get("key") == key else None
         if model is not None:
             self._update_adapters(model.pipeline, _cache["loras"], lora_stamps)
         else:
@@ -214,7 +216,7 @@ class GenRefocusLoadModel:
                                    vae_config=config_beside(vae_path),
                                    **{f"{LORA_INPUTS[a][0]}": p for a, p in loras.items()})
             model = GenRefocusModel(pipe, mode, {"flux": flux_path, "vae": vae_path})
-            _cache.update(key=key, model=model)
+            _cache.update(key=key, model=weakref.ref(model))
         model.pipeline.prompt_embeddings = embeddings
         model.files["loras"] = dict(loras)
         _cache["loras"] = lora_stamps

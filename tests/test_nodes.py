@@ -483,6 +483,14 @@ def test_generative_nodes_tiny(pack, tiny_models, monkeypatch, tmp_path):
     with pytest.raises(InputError, match="aperture_lora"):
         gen.GenRefocusBokehNet().refocus(fewer, torch.rand(1, 16, 16, 3), None, aperture=object())
     (model,) = loader().load(**LOAD_ARGS)
+    # the cache holds the model only while something (ComfyUI's output cache) does
+    import gc
+    import weakref
+    gone = weakref.ref(model.pipeline.transformer)
+    del model, again, fewer
+    gc.collect()
+    assert gone() is None
+    (model,) = loader().load(**LOAD_ARGS)
     (sampler,) = gen.GenRefocusTiledSampler().make(2, 7, "off", 512, 64, 1, 0.0)
     assert sampler.steps == 2 and sampler.seed == 7 and sampler.tiled is False and sampler.guidance is None
     (tiles,) = gen.GenRefocusTiledSampler().make(2, 7, "on", 64, 16, 2, 2.5)
