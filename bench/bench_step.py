@@ -12,7 +12,9 @@ Variants, timed in the same run on the same inputs (outputs compared):
 - reference: the official Genfocus `transformer_forward`, imported at run time from the directory in
   $GENFOCUS_REFERENCE_DIR (a checkout of github.com/rayray9999/Genfocus; never part of this project).
 
-FLOPs per step are counted analytically (multiply-add = 2) and split into attention, base
+Wall-clock seconds (best of the repeats) and CPU seconds of this process (best of the repeats; less
+sensitive to other processes on a shared machine) are both printed; "speedup" is reference (or
+emulated, when the reference is not available) over ours. FLOPs per step are counted analytically (multiply-add = 2) and split into attention, base
 matmuls and LoRA, for our computation and for the reference's.
 
     python bench/bench_step.py                      # everything (several minutes on 2 cores)
@@ -243,18 +245,20 @@ def run_case(model, config, rank, size, stage, variants, reference, repeats, war
                                        [True] * n, guidance)
                 return denoise(model, latents, inputs, settings)
 
-    outputs, times = {}, {v: [] for v in variants}
+    outputs, times, cpu = {}, {v: [] for v in variants}, {v: [] for v in variants}
     for r in range(repeats + warmup):  # interleaved, so that load from other processes hits every variant alike
         for v in variants:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outputs[v] = run(v)
             if r >= warmup:
                 times[v].append(time.perf_counter() - t0)
+                cpu[v].append(time.process_time() - c0)
     results = {v: min(ts) for v, ts in times.items()}
+    results_cpu = {v: min(ts) for v, ts in cpu.items()}
     flops_ours = step_flops(config, rank, TEXT_TOKENS, L, n, forwards, reference=False)
     flops_ref = step_flops(config, rank, TEXT_TOKENS, L, n, forwards, reference=True)
     diffs = {v: (outputs[v] - outputs["ours"]).abs().max().item() for v in outputs if v != "ours"} if "ours" in outputs else {}
-    return results, flops_ours, flops_ref, diffs, forwards
+    return results, results_cpu, flops_ours, flops_ref, diffs, forwards
 
 
 def main(argv=None) -> int:
@@ -280,8 +284,9 @@ def main(argv=None) -> int:
             variants.remove("reference")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, 1 step per case, "
           f"best of {args.repeats} after {args.warmup} warm-up run(s), load average {os.getloadavg()[0]:.1f}")
-    header = f"{'model':5} {'size':>5} {'stage':6} {'fwd':>3} " + " ".join(f"{v + ' s':>12}" for v in variants) + \
-        "  speedup  GFLOP ours (attn/base/lora)   GFLOP ref (attn/base/lora)   max|diff|"
+    header = (f"{'model':5} {'size':>5} {'stage':6} {'fwd':>3} " + " ".join(f"{v + ' s':>12}" for v in variants)
+              + "  speedup | " + " ".join(f"{v + ' cpu s':>14}" for v in variants)
+              + "  speedup | GFLOP ours attn/base/lora | GFLOP ref attn/base/lora | max|diff|")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for model_kind in args.models.split(","):
@@ -289,13 +294,17 @@ def main(argv=None) -> int:
             rank = 4 if model_kind == "tiny" else args.rank
             for size in [int(s) for s in args.sizes.split(",")]:
                 for stage in args.stages.split(","):
-                    res, fo, fr, diffs, fwd = run_case(model, config, rank, size, stage, variants, reference, args.repeats,
-                                                          args.warmup)
-                    base = res.get("reference", res.get("emulated"))
-                    speed = f"{base / res['ours']:.2f}x" if base and "ours" in res else "-"
+                    res, res_cpu, fo, fr, diffs, fwd = run_case(model, config, rank, size, stage, variants, reference,
+                                                                args.repeats, args.warmup)
+
+                    def speedup(r):
+                        base = r.get("reference", r.get("emulated"))
+                        return f"{base / r['ours']:.2f}x" if base and "ours" in r else "-"
+
                     g = lambda f: "/".join(f"{f[k] / 1e9:.1f}" for k in ("attention", "base_matmul", "lora"))  # noqa: E731
                     print(f"{model_kind:5} {size:5d} {stage:6} {fwd:3d} " + " ".join(f"{res[v]:12.3f}" for v in variants)
-                          + f"  {speed:>7}  {g(fo):>26}   {g(fr):>26}   "
+                          + f"  {speedup(res):>7} | " + " ".join(f"{res_cpu[v]:14.3f}" for v in variants)
+                          + f"  {speedup(res_cpu):>7} | {g(fo):>24} | {g(fr):>24} | "
                           + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), flush=True)
     return 0
 
