@@ -251,3 +251,14 @@ def test_cat_eye_vignetting_changes_the_shape_towards_the_corners():
     assert float(vig.sum()) == pytest.approx(float(plain.sum()), rel=0.02)
     with pytest.raises(InputError):
         render_bokeh(img, defocus_px=defocus, vignetting=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(4)
+    img = torch.rand(1, 96, 128, 3, generator=g)
+    disp = torch.rand(1, 96, 128, generator=g)
+    cpu = render_bokeh(img, disp, 0.5, 40.0, apertures.polygon(6), vignetting=0.5)
+    gpu = render_bokeh(img.cuda(), disp.cuda(), 0.5, 40.0, apertures.polygon(6), vignetting=0.5)
+    assert gpu.device.type == "cuda"
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-4)
