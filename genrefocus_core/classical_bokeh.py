@@ -189,7 +189,8 @@ def fft_convolve(x: torch.Tensor, kernel: torch.Tensor, zero_margin: bool = Fals
     h, w = x.shape[-2:]
     p = 0 if zero_margin else k // 2
     lh, lw = _fast_size(max(h + p, k)), _fast_size(max(w + p, k))
-    spec = torch.fft.rfft2(x, s=(lh, lw)) * _kernel_spectrum(kernel.to(x.dtype), lh, lw)
+    spec = torch.fft.rfft2(x, s=(lh, lw))
+    spec *= _kernel_spectrum(kernel.to(x.dtype), lh, lw)
     return torch.fft.irfft2(spec, s=(lh, lw))[..., :h, :w]
 
 
@@ -274,9 +275,12 @@ class _LevelRenderer:
         self.B, self.H, self.W = B, H, W
         self.levels, self.aperture, self.flip_front = levels, aperture, flip_front
         hp, wp = -(-H // self.PAD_TO) * self.PAD_TO, -(-W // self.PAD_TO) * self.PAD_TO
-        data = torch.cat([lin, w_lo[:, None], w_hi[:, None], lo_signed[:, None].to(lin.dtype),
-                          hi_signed[:, None].to(lin.dtype)], dim=1)
-        self.data = F.pad(data, (0, wp - W, 0, hp - H))  # zero weights in the padding
+        # channels: linear RGB, lower/upper level weight, lower/upper signed level index; zero weights
+        # in the padding
+        self.data = torch.zeros(B, 7, hp, wp, dtype=lin.dtype, device=lin.device)
+        self.data[:, :3, :H, :W] = lin
+        for c, m in enumerate((w_lo, w_hi, lo_signed, hi_signed), start=3):
+            self.data[:, c, :H, :W] = m
         big = float(10 ** 6)
         lo_min = torch.where(w_lo > 0, lo_signed.to(lin.dtype), big)
         hi_min = torch.where(w_hi > 0, hi_signed.to(lin.dtype), big)
@@ -543,9 +547,10 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         raise InputError(f"quality must be one of {', '.join(QUALITY_PRESETS)}, got {quality!r}.")
     levels = build_levels(peak, aperture, *QUALITY_PRESETS[quality])
     lo, w_lo, w_hi = level_weights(radius.abs(), levels)
-    sign = torch.where(radius < 0, -1, 1)
-    lo_signed = lo * sign
-    hi_signed = (lo + 1) * sign
+    sign = torch.where(radius < 0, -1.0, 1.0)
+    lo_signed = lo.to(torch.float32) * sign  # level indices are small integers: exact in float32
+    hi_signed = lo_signed + sign
+    del lo, sign
 
     x = img.permute(0, 3, 1, 2)  # [B,3,H,W]
     lin = srgb_to_linear(x) if colorspace == "srgb" else x
@@ -559,8 +564,9 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     n = len(levels) - 1
     engine = _LevelRenderer(lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front,
                             _vignetting_regions(aperture, vignetting, H, W))
+    del lin, lo_signed, hi_signed, w_lo, w_hi  # the engine holds its own padded copy
     # accumulators: premultiplied colour (3), coverage (1), coverage from levels other than 0 (1)
-    acc = torch.zeros(B, 5, H, W, dtype=lin.dtype, device=device)
+    acc = torch.zeros(B, 5, H, W, dtype=torch.float32, device=device)
     pending = None  # the previous level: added after the current one has covered what lies behind
 
     def add(item):
