@@ -7,6 +7,7 @@ weights are linked into its models folders in the layout the nodes expect.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -253,24 +254,16 @@ def _place_models(models: Path, tiny: Path, depth_pro_builder) -> None:
     depth_pro_builder(models / "depth_pro")
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory, tiny_dir):
+@contextlib.contextmanager
+def running_server(base: Path, extra_env: dict | None = None):
+    """Start ComfyUI (COMFYUI_DIR, COMFYUI_PYTHON) on a free loopback port with `base` as its base
+    directory, wait for /object_info, yield a ComfyServer, stop it (its own process group) afterwards."""
     cdir = comfy_dir()
-    if cdir is None:
-        pytest.skip("COMFYUI_DIR is not set")
-    if not (cdir / "main.py").is_file():
-        pytest.fail(f"COMFYUI_DIR={cdir} has no main.py")
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    base = tmp_path_factory.mktemp("comfy-base")
-    for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
-        (base / d).mkdir(exist_ok=True)
-    os.symlink(ROOT, base / "custom_nodes" / PACK_NAME)
-    from tiny_depth_pro import build_tiny_depth_pro
-    _place_models(base / "models", tiny_dir, build_tiny_depth_pro)
     port = _free_port()
     cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
            "--base-directory", str(base), "--database-url", "sqlite:///:memory:"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
     env.pop("GENREFOCUS_MODELS_DIR", None)
     logf = open(base / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=cdir, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -304,6 +297,29 @@ def comfy_server(tmp_path_factory, tiny_dir):
         logf.close()
         if os.environ.get("GENREFOCUS_KEEP_COMFY_LOG"):
             shutil.copy(base / "server.log", os.environ["GENREFOCUS_KEEP_COMFY_LOG"])
+
+
+def make_base(tmp_path_factory, name: str = "comfy-base") -> Path:
+    """A fresh ComfyUI base directory with the pack linked into custom_nodes."""
+    cdir = comfy_dir()
+    if cdir is None:
+        pytest.skip("COMFYUI_DIR is not set")
+    if not (cdir / "main.py").is_file():
+        pytest.fail(f"COMFYUI_DIR={cdir} has no main.py")
+    base = tmp_path_factory.mktemp(name)
+    for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
+        (base / d).mkdir(exist_ok=True)
+    os.symlink(ROOT, base / "custom_nodes" / PACK_NAME)
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory, tiny_dir):
+    base = make_base(tmp_path_factory)
+    from tiny_depth_pro import build_tiny_depth_pro
+    _place_models(base / "models", tiny_dir, build_tiny_depth_pro)
+    with running_server(base) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
