@@ -17,7 +17,9 @@ How it is computed (identical results, less work than branch-by-branch):
 - main queries attend over all keys in one SDPA call; condition queries are batched over the
   conditions against [text, image, own] keys (one SDPA call); with one condition both are one call;
 - constants of a sampling run (text embedding, condition embeddings, their timestep embedding,
-  rotary embeddings) are computed once by `BranchConstants` / `rotary_embedding`.
+  rotary embeddings) are computed once by `RunConstants` / `rotary_embedding`;
+- the last single block only computes what the output uses: image queries, MLP and projection
+  (text and condition tokens give only keys and values there).
 Modules are always called (never their weights read), so offload and fp8 hooks apply.
 """
 from __future__ import annotations
@@ -332,6 +334,40 @@ def _single_block(block, main, cond, temb, cst: BranchConstants, groups, group_i
     return main, cond
 
 
+def _last_single_block(block, main, cond, temb, cst: BranchConstants, groups, group_index, rope, T: int):
+    """The last single block, computed for the image branch only: after it only the image tokens are
+    used (norm_out/proj_out), so text and condition tokens contribute just their keys and values.
+    Same result as `_single_block` for the image tokens, with no queries, MLP or output projection
+    for the others."""
+    N, M, dim = main.shape
+    n = 0 if cond is None else cond.shape[1]
+    Lc = 0 if cond is None else cond.shape[2]
+    segments = _cond_segments(M, Lc, cst.cond_adapters)
+    attn = block.attn
+    head_dim = attn.head_dim
+
+    main_mod, cond_mod = _modulations(block.norm, temb, cst.cond_temb, groups, group_index, 3)
+    shift, scale, gate = (_main_mod(m) for m in main_mod)
+    x = main.new_empty(N, M + n * Lc, dim)
+    _modulate(block.norm.norm(main), shift, scale, out=x[:, :M])
+    if n:
+        c_shift, c_scale, _ = (_cond_mod(m) for m in cond_mod)
+        _modulate(block.norm.norm(cond), c_shift, c_scale, out=x[:, M:].unflatten(1, (n, Lc)))
+    x_img = x[:, T:M]
+    mlp = block.act_mlp(lora_linear(block.proj_mlp, x_img, []))
+    q = attn.norm_q(lora_linear(attn.to_q, x_img, []).unflatten(-1, (-1, head_dim)))
+    k = attn.norm_k(lora_linear(attn.to_k, x, segments).unflatten(-1, (-1, head_dim)))
+    v = lora_linear(attn.to_v, x, segments).unflatten(-1, (-1, head_dim))
+    cos, sin = rope
+    q = apply_rotary_emb(q, (cos[T:M], sin[T:M]), sequence_dim=1)
+    k = apply_rotary_emb(k, rope, sequence_dim=1)
+    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    # image queries attend to every branch
+    attn_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3).to(x.dtype)
+    out = lora_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), [])
+    return _clip_fp16(torch.addcmul(main[:, T:M], out, gate))
+
+
 def multi_branch_forward(transformer, latents: torch.Tensor, timestep: torch.Tensor,
                          guidance: torch.Tensor | None, constants: BranchConstants,
                          rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -351,7 +387,10 @@ def multi_branch_forward(transformer, latents: torch.Tensor, timestep: torch.Ten
     for block in transformer.transformer_blocks:
         img, txt, cond = _double_block(block, img, txt, cond, temb, constants, groups, group_index, rope)
     main = torch.cat([txt, img], dim=1)
-    for block in transformer.single_transformer_blocks:
+    single_blocks = list(transformer.single_transformer_blocks)
+    if not single_blocks:
+        return transformer.proj_out(transformer.norm_out(img, temb))
+    for block in single_blocks[:-1]:
         main, cond = _single_block(block, main, cond, temb, constants, groups, group_index, rope)
-    img = transformer.norm_out(main[:, T:], temb)
-    return transformer.proj_out(img)
+    img = _last_single_block(single_blocks[-1], main, cond, temb, constants, groups, group_index, rope, T)
+    return transformer.proj_out(transformer.norm_out(img, temb))
