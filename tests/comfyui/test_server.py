@@ -233,3 +233,28 @@ def test_comfyui_tokenizer_gives_the_reference_padding():
     out = subprocess.run([python, "-c", code], cwd=comfy_dir(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["512", "77"], out.stdout
+
+
+def test_changing_the_focus_reruns_only_the_refocus(server):
+    """The model, DeblurNet and Depth Pro stay cached between runs: a new K or focus point re-runs only
+    Defocus Map, BokehNet and the save."""
+    ws = WebSocketMessages(server.port)
+    try:
+        api = server.workflow_api("genrefocus_full_refocus.json", tiny=True)
+        _small_sampler(api, steps=2)
+        ids = {v["class_type"]: k for k, v in api.items()}
+        api[ids["GenRefocusDefocusMap"]]["inputs"].update(K=7.5, focus_x=0.31)
+        assert server.run(api, client_id=ws.client_id)["status"]["status_str"] == "success"
+        api[ids["GenRefocusDefocusMap"]]["inputs"].update(K=9.5, focus_x=0.62)
+        h = server.run(api, client_id=ws.client_id)
+        assert h["status"]["status_str"] == "success", errors_of(h)
+        time.sleep(0.5)
+        pid = h["prompt"][1] if "prompt" in h else None
+        executed = {m["node"] for m in ws.of_type("executing")
+                    if m.get("node") and (pid is None or m.get("prompt_id") == pid)}
+        cached = {n for m in ws.of_type("execution_cached") if pid is None or m.get("prompt_id") == pid
+                  for n in m["nodes"]}
+        assert {ids["GenRefocusLoadModel"], ids["GenRefocusDeblurNet"], ids["GenRefocusDepthEstimate"]} <= cached
+        assert executed == {ids["GenRefocusDefocusMap"], ids["GenRefocusBokehNet"], ids["SaveImage"]}, executed
+    finally:
+        ws.close()
