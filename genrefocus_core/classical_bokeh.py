@@ -194,34 +194,27 @@ def fft_convolve(x: torch.Tensor, kernel: torch.Tensor, zero_margin: bool = Fals
     return torch.fft.irfft2(spec, s=(lh, lw))[..., :h, :w]
 
 
-def _splat_dim(x: torch.Tensor, scale: int, dim: int) -> torch.Tensor:
+def _phases(scale: int) -> list[float]:
+    """Offsets of the `scale` fine samples of a coarse cell from the cell centre, in coarse cells."""
+    return [(q + 0.5) / scale - 0.5 for q in range(scale)]
+
+
+def _splat_dim(x: torch.Tensor, scale: int, dim: int, gain: float = 1.0) -> torch.Tensor:
     """Bilinear splat along dim 2 or 3 of [N,C,H,W] (the adjoint of bilinear interpolation with
-    align_corners=False); that dim's length is a multiple of scale, one coarse cell per `scale` samples."""
-    d = ((torch.arange(scale, dtype=torch.float64) + 0.5) / scale - 0.5).tolist()
-    own = [1.0 - abs(v) for v in d]
+    align_corners=False), times `gain`; that dim's length is a multiple of scale, one coarse cell per
+    `scale` samples. Each fine sample goes to its own cell and, by its offset, to one neighbour."""
     cells = x.shape[dim] // scale
-    if dim == 3:
-        xr = x.unflatten(3, (cells, scale))  # [N,C,H,cells,scale]: contract the contiguous last dim
-        w = torch.tensor([own, [max(v, 0.0) for v in d], [max(-v, 0.0) for v in d]], dtype=x.dtype,
-                         device=x.device).T
-        parts = xr @ w  # [N,C,H,cells,3]
-        out = parts[..., 0].clone()
-        out[..., 1:] += parts[..., :-1, 1]
-        out[..., :-1] += parts[..., 1:, 2]
-        return out
-    xr = x.unflatten(2, (cells, scale))  # [N,C,cells,scale,W]: accumulate row by row (no transposes)
-    out = torch.zeros(x.shape[0], x.shape[1], cells, x.shape[3], dtype=x.dtype, device=x.device)
-    nxt = torch.zeros_like(out)
-    prv = torch.zeros_like(out)
-    for q, v in enumerate(d):
-        row = xr[:, :, :, q]
-        out.add_(row, alpha=own[q])
-        if v > 0:
-            nxt.add_(row, alpha=v)
-        elif v < 0:
-            prv.add_(row, alpha=-v)
-    out[:, :, 1:] += nxt[:, :, :-1]
-    out[:, :, :-1] += prv[:, :, 1:]
+    xr = x.unflatten(dim, (cells, scale))
+    shape = list(x.shape)
+    shape[dim] = cells
+    out = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    for q, d in enumerate(_phases(scale)):
+        sample = xr.select(dim + 1, q)
+        out.add_(sample, alpha=gain * (1.0 - abs(d)))
+        if d > 0:  # towards the next cell
+            out.narrow(dim, 1, cells - 1).add_(sample.narrow(dim, 0, cells - 1), alpha=gain * d)
+        elif d < 0:
+            out.narrow(dim, 0, cells - 1).add_(sample.narrow(dim, 1, cells - 1), alpha=-gain * d)
     return out
 
 
@@ -232,13 +225,28 @@ def _splat(x: torch.Tensor, scale: int) -> torch.Tensor:
     n, c, h, w = x.shape
     hc, wc = -(-h // scale) + 2, -(-w // scale) + 2
     full = F.pad(x, (scale, wc * scale - w - scale, scale, hc * scale - h - scale))
-    return _splat_dim(_splat_dim(full, scale, 3), scale, 2)
+    return _splat_dim(_splat_dim(full, scale, 2), scale, 3)
+
+
+def _interpolate_dim(y: torch.Tensor, scale: int, dim: int, length: int) -> torch.Tensor:
+    """Bilinear interpolation (align_corners=False) along dim 2 or 3 of a `_splat` grid, keeping the
+    `length` fine samples after the leading coarse cell (they never reach the clamped border cells)."""
+    m = y.shape[dim] - 2
+    shape = list(y.shape)
+    shape[dim] = m * scale
+    out = torch.empty(shape, dtype=y.dtype, device=y.device)
+    ov = out.unflatten(dim, (m, scale))
+    for q, d in enumerate(_phases(scale)):
+        if d >= 0:
+            torch.lerp(y.narrow(dim, 1, m), y.narrow(dim, 2, m), d, out=ov.select(dim + 1, q))
+        else:
+            torch.lerp(y.narrow(dim, 0, m), y.narrow(dim, 1, m), 1.0 + d, out=ov.select(dim + 1, q))
+    return out.narrow(dim, 0, length)
 
 
 def _upsample(y: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear interpolation (align_corners=False) of the coarse grid of `_splat` back to `size`."""
-    up = F.interpolate(y, scale_factor=float(scale), mode="bilinear", align_corners=False)
-    return up[..., scale:scale + size[0], scale:scale + size[1]]
+    return _interpolate_dim(_interpolate_dim(y, scale, 2, size[0]), scale, 3, size[1])
 
 
 def _kernel(level: Level, aperture: Aperture, flip: bool, device, dtype) -> torch.Tensor:
@@ -268,6 +276,7 @@ class _LevelRenderer:
 
     BASE_TILE = 32
     PAD_TO = 128
+    TILE_OVERHEAD = 600  # fixed cost of one tile in the tiled path, in units of one FFT-grid pixel
 
     def __init__(self, lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front, regions=None):
         B, _, H, W = lin.shape
@@ -321,9 +330,16 @@ class _LevelRenderer:
             ty, tx = tiles[:, 1], tiles[:, 2]
             bbox_h = (int(ty.max()) - int(ty.min()) + 1) * tile
             bbox_w = (int(tx.max()) - int(tx.min()) + 1) * tile
-            dense_cost = _fast_size(bbox_h + 3 * p) * _fast_size(bbox_w + 3 * p)
-            if kernel is not None and dense_cost < tiles.shape[0] * _fast_size(tile + 2 * p) ** 2:
-                return self._render_dense(idx, level, kernel, tiles, tile)
+            if kernel is None:
+                # identity level: one masked copy of the bounding box unless the tiles are sparse in it
+                if 2 * tiles.shape[0] * tile * tile >= bbox_h * bbox_w:
+                    return self._render_dense(idx, level, None, tiles, tile)
+            else:
+                # per-tile FFTs cost about twice as much per pixel as one big FFT, plus a fixed overhead
+                dense_cost = _fast_size(bbox_h + 3 * p) * _fast_size(bbox_w + 3 * p)
+                tile_cost = tiles.shape[0] * (2 * _fast_size(tile + 2 * p) ** 2 + self.TILE_OVERHEAD)
+                if dense_cost < tile_cost:
+                    return self._render_dense(idx, level, kernel, tiles, tile)
             layer = self._layer_tiles(idx, tiles, tile)
             if kernel is not None:
                 size = _fast_size(tile + 2 * p)
@@ -384,7 +400,7 @@ class _LevelRenderer:
         """Cut the bounding box of the level's tiles (with a margin for the blur) and convolve it whole,
         on the level's grid."""
         s = level.scale
-        margin = kernel.shape[-1] // 2 * s + (2 * s if s > 1 else 0)
+        margin = 0 if kernel is None else kernel.shape[-1] // 2 * s + (2 * s if s > 1 else 0)
         d = self.data[:, :, by0:by1, bx0:bx1]
         h, w = by1 - by0 + 2 * margin, bx1 - bx0 + 2 * margin
         # on a coarse grid: one empty coarse cell before the content and whole cells throughout (see _splat)
@@ -399,8 +415,8 @@ class _LevelRenderer:
         torch.mul(d[:, :3], alpha[:, None], out=inner[:, :3])
         y0, x0 = by0 - margin, bx0 - margin
         if s == 1:
-            return fft_convolve(canvas, kernel, zero_margin=True), y0, x0
-        low = _splat_dim(_splat_dim(canvas, s, 3), s, 2).div_(float(s * s))
+            return (canvas if kernel is None else fft_convolve(canvas, kernel, zero_margin=True)), y0, x0
+        low = _splat_dim(_splat_dim(canvas, s, 2, 1.0 / (s * s)), s, 3)
         low = fft_convolve(low, kernel, zero_margin=True)
         return _upsample(low, s, (h, w)), y0, x0
 
