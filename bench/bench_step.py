@@ -112,7 +112,7 @@ def linear_shapes(config: dict) -> dict:
 def step_flops(config: dict, rank: int, T: int, L: int, n: int, forwards: int, reference: bool) -> dict:
     """FLOPs of one denoising step = `forwards` transformer calls on T text, L image and n x L condition
     tokens. reference=True counts what the reference computes (LoRA on every branch of a LoRA module,
-    dense attention rows as its per-branch calls do, modulation per token row ignored as negligible)."""
+    queries/MLP of every branch in the last block); modulation rows are left out as negligible."""
     d = config["num_attention_heads"] * config["attention_head_dim"]
     nd, ns = config["num_layers"], config["num_single_layers"]
     sh = linear_shapes(config)
@@ -123,15 +123,25 @@ def step_flops(config: dict, rank: int, T: int, L: int, n: int, forwards: int, r
     dbl_img = [s for s in sh["double_img"][1:]]
     dbl_txt = [s for s in sh["double_txt"][1:]]
     sgl = [s for s in sh["single"][1:]]
-    base = nd * (mm(dbl_img, L + C) + mm(dbl_txt, T)) + ns * mm(sgl, T + L + C)
+    kv = [(d, d), (d, d)]
+    if reference:
+        base = nd * (mm(dbl_img, L + C) + mm(dbl_txt, T)) + ns * mm(sgl, T + L + C)
+    else:  # our last single block: text and condition tokens give only keys and values
+        base = nd * (mm(dbl_img, L + C) + mm(dbl_txt, T)) + (ns - 1) * mm(sgl, T + L + C) + mm(sgl, L) + mm(kv, T + C)
     base += 2 * 64 * d * (L + C) + 2 * config["joint_attention_dim"] * d * T + 2 * d * 64 * L  # embedders, proj_out
     lora_rows_double = L + C if reference else C
     lora_rows_single = T + L + C if reference else C
-    lora_fl = nd * lo(sh["double_img_lora"][1:], lora_rows_double) + ns * lo(sh["single_lora"][1:], lora_rows_single)
+    if reference:
+        lora_fl = nd * lo(sh["double_img_lora"][1:], lora_rows_double) + ns * lo(sh["single_lora"][1:], lora_rows_single)
+    else:
+        lora_fl = nd * lo(sh["double_img_lora"][1:], C) + (ns - 1) * lo(sh["single_lora"][1:], C) + lo(kv, C)
     lora_fl += 2 * rank * (64 + d) * (L + C if reference else C)
     keys_main, keys_cond = T + L + C, T + L + L
     pairs = (T + L) * keys_main + C * keys_cond
-    attention = (nd + ns) * 4 * d * pairs
+    if reference:
+        attention = (nd + ns) * 4 * d * pairs
+    else:
+        attention = (nd + ns - 1) * 4 * d * pairs + 4 * d * L * keys_main
     return {k: v * forwards for k, v in dict(attention=attention, base_matmul=base, lora=lora_fl).items()}
 
 
