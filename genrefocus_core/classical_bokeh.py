@@ -407,6 +407,9 @@ class _LevelRenderer:
         lead = s if s > 1 else 0
         ch = h if s == 1 else (-(-h // s) + 2) * s
         cw = w if s == 1 else (-(-w // s) + 2) * s
+        if s == 1 and kernel is not None:
+            # allocate the FFT grid at once (zero beyond the margin), so rfft2 needs no padded copy
+            ch, cw = _fast_size(max(h, kernel.shape[-1])), _fast_size(max(w, kernel.shape[-1]))
         canvas = torch.zeros(self.B, 4, ch, cw, dtype=d.dtype, device=d.device)
         inner = canvas[:, :, lead + margin:lead + margin + by1 - by0, lead + margin:lead + margin + bx1 - bx0]
         alpha = inner[:, 3]
@@ -415,7 +418,9 @@ class _LevelRenderer:
         torch.mul(d[:, :3], alpha[:, None], out=inner[:, :3])
         y0, x0 = by0 - margin, bx0 - margin
         if s == 1:
-            return (canvas if kernel is None else fft_convolve(canvas, kernel, zero_margin=True)), y0, x0
+            if kernel is None:
+                return canvas, y0, x0
+            return fft_convolve(canvas, kernel, zero_margin=True)[..., :h, :w], y0, x0
         low = _splat_dim(_splat_dim(canvas, s, 2, 1.0 / (s * s)), s, 3)
         low = fft_convolve(low, kernel, zero_margin=True)
         return _upsample(low, s, (h, w)), y0, x0
@@ -595,16 +600,28 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         if not is_zero:
             acc[:, 4:5, iy, ix] += canvas[:, 3:4, cy, cx]
 
+    whole = (slice(0, H), slice(0, W))
     for idx in range(-n, n + 1):
         res = engine.render(idx)
-        if res is not None:
-            canvas, y0, x0 = res
-            cl = _clip(y0, x0, canvas.shape[-2], canvas.shape[-1], H, W)
+        cl = None if res is None else _clip(res[1], res[2], res[0].shape[-2], res[0].shape[-1], H, W)
+        pcl = None if pending is None else _clip(pending[1], pending[2], pending[0].shape[-2],
+                                                 pending[0].shape[-1], H, W)
+        if cl is not None and pcl is not None and cl[0] == whole and pcl[0] == whole:
+            # both cover the whole image: acc = acc * (1 - alpha) + pending in one pass
+            (cy, cx), (py, px) = cl[1], pcl[1]
+            keep = 1.0 - res[0][:, 3:4, cy, cx]
+            prev = pending[0][:, :, py, px]
+            torch.addcmul(prev, acc[:, :4], keep, out=acc[:, :4])
+            if pending[3]:
+                acc[:, 4:5] *= keep
+            else:
+                torch.addcmul(prev[:, 3:4], acc[:, 4:5], keep, out=acc[:, 4:5])
+        else:
             if cl is not None:
                 (iy, ix), (cy, cx) = cl
-                acc[:, :, iy, ix] *= 1.0 - canvas[:, 3:4, cy, cx]
-        if pending is not None:
-            add(pending)
+                acc[:, :, iy, ix] *= 1.0 - res[0][:, 3:4, cy, cx]
+            if pending is not None:
+                add(pending)
         pending = None if res is None else (res[0], res[1], res[2], idx == 0)
     if pending is not None:
         add(pending)
