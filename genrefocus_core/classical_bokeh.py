@@ -154,13 +154,19 @@ def _fast_size(n: int) -> int:
     return best
 
 
+# In the paired complex FFT of fft_convolve the last channel (coverage, the largest) is scaled down by
+# this power of two, so its rounding noise does not swamp the dim colour channel it shares a transform
+# with (point lights on black would otherwise gain a faint noise floor).
+PAIRED_LAST_SCALE = 1.0 / 16.0
 _KERNEL_SPECTRA: dict = {}
 _KERNEL_CACHE_BYTES = 256 * 2 ** 20
 
 
-def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
-    """rfft2 of the kernel centred at (0, 0) on an lh x lw grid (cached: levels repeat across calls)."""
-    key = (kernel.shape[-1], lh, lw, kernel.dtype, str(kernel.device), hash(kernel.cpu().numpy().tobytes()))
+def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int, full: bool = False) -> torch.Tensor:
+    """rfft2 (full: fft2) of the kernel centred at (0, 0) on an lh x lw grid (cached: levels repeat
+    across calls)."""
+    key = (kernel.shape[-1], lh, lw, full, kernel.dtype, str(kernel.device),
+           hash(kernel.cpu().numpy().tobytes()))
     spec = _KERNEL_SPECTRA.get(key)
     if spec is None:
         k = kernel.shape[-1]
@@ -170,7 +176,7 @@ def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
         kpad[: k - p, lw - p:] = kernel[p:, :p]
         kpad[lh - p:, : k - p] = kernel[:p, p:]
         kpad[lh - p:, lw - p:] = kernel[:p, :p]
-        spec = torch.fft.rfft2(kpad)
+        spec = torch.fft.fft2(kpad) if full else torch.fft.rfft2(kpad)
         used = sum(v.numel() * v.element_size() for v in _KERNEL_SPECTRA.values())
         if used + spec.numel() * spec.element_size() > _KERNEL_CACHE_BYTES:
             _KERNEL_SPECTRA.clear()
@@ -186,9 +192,20 @@ def fft_convolve(x: torch.Tensor, kernel: torch.Tensor, zero_margin: bool = Fals
     k = kernel.shape[-1]
     if k == 1:
         return x * kernel.reshape(())
-    h, w = x.shape[-2:]
+    n, c, h, w = x.shape
     p = 0 if zero_margin else k // 2
     lh, lw = _fast_size(max(h + p, k)), _fast_size(max(w + p, k))
+    if c % 2 == 0:
+        # channel pairs as real and imaginary parts of one complex image: the kernel is real, so the
+        # two stay apart, and torch's complex FFTs beat its real-to-complex pair (~25% faster here)
+        scale = torch.ones(c // 2, 1, 1, dtype=x.dtype, device=x.device)
+        scale[-1] = PAIRED_LAST_SCALE
+        spec = torch.fft.fft2(torch.complex(x[:, 0::2], x[:, 1::2] * scale), s=(lh, lw))
+        spec *= _kernel_spectrum(kernel.to(x.dtype), lh, lw, full=True)
+        y = torch.view_as_real(torch.fft.ifft2(spec))[..., :h, :w, :]  # [N, C/2, h, w, 2]
+        y = y.movedim(-1, 2).reshape(n, c, h, w)
+        y[:, -1] *= 1.0 / PAIRED_LAST_SCALE
+        return y
     spec = torch.fft.rfft2(x, s=(lh, lw))
     spec *= _kernel_spectrum(kernel.to(x.dtype), lh, lw)
     return torch.fft.irfft2(spec, s=(lh, lw))[..., :h, :w]
