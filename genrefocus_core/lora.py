@@ -72,7 +72,7 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise MissingModelFileError(path.name, path.parent if str(path.parent) else ".",
-                                    "LoRA files go in ComfyUI's models/loras folder (or pass the full path).")
+                                    "LoRA files go in ComfyUI's models/genrefocus folder (or pass the full path).")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
