@@ -14,6 +14,7 @@ the original modules bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from pathlib import Path
@@ -212,10 +213,8 @@ def unload_lora(transformer: torch.nn.Module, adapter_name: str | None = None) -
             setattr(parent, child, module.get_base_layer())
     if not loaded_adapters(transformer) and hasattr(transformer, "peft_config"):
         # left by peft's injection; without adapters it would only mislead other tools
-        try:
+        with contextlib.suppress(AttributeError):
             del transformer.peft_config
-        except AttributeError:
-            pass
 
 
 def require_adapters(transformer: torch.nn.Module, names) -> None:

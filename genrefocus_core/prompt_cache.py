@@ -15,6 +15,7 @@ to `store_prompt_embedding` / `get_prompt_embeddings(precomputed=...)`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -205,10 +206,8 @@ def read_cached(cache_dir, identity: str, prompt: str, max_length: int = T5_MAX_
         return emb
     except Exception as e:  # corrupt / truncated / foreign file: re-encode instead of failing
         warnings.warn(f"Prompt-embedding cache entry {path} is unusable ({type(e).__name__}: {e}); re-encoding.")
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
         return None
 
 
