@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .errors import InputError
 from .images import resize_map
@@ -63,12 +64,8 @@ def read_map(x, name: str = "depth map") -> torch.Tensor:
     must be grey (equal channels); alpha is ignored. NaN values are kept (see
     `disparity_from_external`).
     """
-    try:
-        from PIL import Image
-        if isinstance(x, Image.Image):
-            x = _array_from_pil(x)
-    except ImportError:
-        pass
+    if isinstance(x, Image.Image):
+        x = _array_from_pil(x)
     channels_last_3d = True  # numpy/PIL: a 3-D array is [H,W,C]
     if isinstance(x, np.ndarray):
         if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.number):

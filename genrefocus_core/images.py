@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .errors import InputError
 
@@ -67,12 +68,8 @@ def to_image_batch(image, name: str = "image") -> torch.Tensor:
         if len({p.shape[1:] for p in parts}) != 1:
             raise InputError(f"{name}: images in a batch must all have the same size.")
         return torch.cat(parts, 0)
-    try:
-        from PIL import Image
-        if isinstance(image, Image.Image):
-            image = _array_from_pil(image)
-    except ImportError:  # pillow is a requirement; keep the core usable on tensors without it
-        pass
+    if isinstance(image, Image.Image):
+        image = _array_from_pil(image)
     t = _to_float01(image, name)
     if t.ndim == 2:
         t = t[None, :, :, None]
@@ -105,14 +102,13 @@ def to_map_batch(x, name: str = "map", batch: int | None = None) -> torch.Tensor
         t = x.float()
     else:
         try:
-            from PIL import Image
             if isinstance(x, Image.Image):
                 t = torch.from_numpy(_array_from_pil(x).astype(np.float32))
                 if t.ndim == 3:
                     t = t.mean(-1)
             else:
                 t = torch.as_tensor(x, dtype=torch.float32)
-        except (ImportError, TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError) as e:
             raise InputError(f"{name}: cannot read {type(x).__name__} as a map ({e}).") from None
     if t.ndim == 2:
         t = t[None]
@@ -182,6 +178,5 @@ def load_image(path) -> torch.Tensor:
 
 def save_image(x: torch.Tensor, path) -> None:
     """Write [1,H,W,3] / [H,W,3] float in [0,1] as an 8-bit image (PNG by extension)."""
-    from PIL import Image
     arr = to_uint8(x[0] if x.ndim == 4 else x)
     Image.fromarray(arr).save(path)

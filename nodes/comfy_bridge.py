@@ -8,6 +8,7 @@ present), no progress bar, no interrupt.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -84,10 +85,8 @@ def folder_hint(folder: str) -> str:
     """Where a user puts files of `folder`: ComfyUI's real paths when known."""
     fp = folder_paths()
     if fp is not None:
-        try:
+        with contextlib.suppress(KeyError):
             return " or ".join(fp.get_folder_paths(folder))
-        except KeyError:
-            pass
     base = _fallback_models_dir()
     if base is not None:
         return str(base / folder)
