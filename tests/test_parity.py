@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from genrefocus_core import defocus, lora
 from genrefocus_core.images import resize_map
@@ -23,6 +22,7 @@ from genrefocus_core.multi_branch_forward import prepare_constants
 from genrefocus_core.pipeline import GenRefocusPipeline
 from genrefocus_core.prompt_embedding import PromptEmbedding
 from genrefocus_core.sampling import DenoiseInputs, SamplerSettings, denoise
+from tiny_flux import build_tiny
 
 PARITY_DIR = Path(os.environ.get("GENREFOCUS_PARITY_DIR",
                                  Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "parity"))
@@ -38,18 +38,6 @@ def _case_names():
     if not manifest.exists():
         return ["<no manifest.json: set GENREFOCUS_PARITY_DIR>"]
     return [c["name"] for c in json.loads(manifest.read_text())["cases"]]
-
-
-def build_tiny(tiny_dir: Path):
-    """Tiny transformer and VAE from the shared configs and state dicts (fp32, eval)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-    configs = json.loads((tiny_dir / "configs.json").read_text())
-    transformer = FluxTransformer2DModel(**configs["transformer"])
-    transformer.load_state_dict(load_file(str(tiny_dir / "transformer.safetensors")))
-    vae = AutoencoderKL(**configs["vae"])
-    vae.load_state_dict(load_file(str(tiny_dir / "vae.safetensors")))
-    return transformer.eval().requires_grad_(False), vae.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

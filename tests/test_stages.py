@@ -1,5 +1,4 @@
 """GenRefocusPipeline stages on the tiny model: sizes, batches, K = 0, seeds, aperture, bad input."""
-import json
 from contextlib import contextmanager
 
 import numpy as np
@@ -12,20 +11,10 @@ from genrefocus_core.errors import InputError, Interrupted, ModelFileError
 from genrefocus_core.pipeline import GenRefocusPipeline
 from genrefocus_core.prompt_embedding import PromptEmbedding
 from genrefocus_core.sampling import SamplerSettings
+from tiny_flux import build_tiny
 
 FAST = SamplerSettings(steps=2, seed=7)
 FAST_BOKEH = SamplerSettings(steps=2, seed=1234)
-
-
-def build_tiny(tiny_dir):
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-    configs = json.loads((tiny_dir / "configs.json").read_text())
-    transformer = FluxTransformer2DModel(**configs["transformer"])
-    transformer.load_state_dict(load_file(str(tiny_dir / "transformer.safetensors")))
-    vae = AutoencoderKL(**configs["vae"])
-    vae.load_state_dict(load_file(str(tiny_dir / "vae.safetensors")))
-    return transformer.eval().requires_grad_(False), vae.eval().requires_grad_(False)
 
 
 class SquareAperture:
