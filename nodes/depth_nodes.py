@@ -51,7 +51,20 @@ def _size_and_batch(image):
     return (int(img.shape[1]), int(img.shape[2])), int(img.shape[0])
 
 
-class GenRefocusDepthFromImage:
+def _photo_input():
+    return {"image": ("IMAGE", tip("The photo the depth belongs to: the map is resized to its size (same aspect "
+                                   "ratio required) and repeated to its batch."))}
+
+
+class _DepthOutputs:
+    """Outputs shared by the nodes that turn an external map into GenRefocus depth."""
+    RETURN_TYPES = (DEPTH, "IMAGE")
+    RETURN_NAMES = ("depth", "preview")
+    OUTPUT_TOOLTIPS = ("Depth as disparity for Defocus Map.", "Disparity preview: bright = near.")
+    CATEGORY = CATEGORY + "/depth"
+
+
+class GenRefocusDepthFromImage(_DepthOutputs):
     DESCRIPTION = ("Use depth from any other node (Depth Anything, Marigold, ZoeDepth, a loaded depth image...) as "
                    "GenRefocus depth. Say what the map means; relative maps are placed in a near_m..far_m scene.")
 
@@ -60,17 +73,10 @@ class GenRefocusDepthFromImage:
         return {
             "required": {"depth_image": ("IMAGE", tip("Grey depth or disparity image (or batch) from another node."))}
             | _meaning_inputs(),
-            "optional": {
-                "image": ("IMAGE", tip("The photo the depth belongs to: the map is resized to its size (same aspect "
-                                       "ratio required) and repeated to its batch.")),
-            },
+            "optional": _photo_input(),
         }
 
-    RETURN_TYPES = (DEPTH, "IMAGE")
-    RETURN_NAMES = ("depth", "preview")
-    OUTPUT_TOOLTIPS = ("Depth as disparity for Defocus Map.", "Disparity preview: bright = near.")
     FUNCTION = "convert"
-    CATEGORY = CATEGORY + "/depth"
 
     def convert(self, depth_image, kind, near, scale, near_m, far_m, unit, image=None):
         size, batch = _size_and_batch(image)
@@ -93,7 +99,7 @@ def depth_files() -> list[str]:
     return sorted(out)
 
 
-class GenRefocusLoadDepthMap:
+class GenRefocusLoadDepthMap(_DepthOutputs):
     DESCRIPTION = ("Load a depth or disparity map file from ComfyUI's input folder: .npy, .npz, .pfm, .exr, 16-bit "
                    "PNG or TIFF (integer files keep their codes: set unit, e.g. 0.001 for millimetres).")
 
@@ -102,17 +108,10 @@ class GenRefocusLoadDepthMap:
         return {
             "required": {"depth_file": (depth_files(), tip("Depth file in ComfyUI/input (refresh after adding one)."))}
             | _meaning_inputs(),
-            "optional": {
-                "image": ("IMAGE", tip("The photo the depth belongs to: the map is resized to its size (same aspect "
-                                       "ratio required) and repeated to its batch.")),
-            },
+            "optional": _photo_input(),
         }
 
-    RETURN_TYPES = (DEPTH, "IMAGE")
-    RETURN_NAMES = ("depth", "preview")
-    OUTPUT_TOOLTIPS = ("Depth as disparity for Defocus Map.", "Disparity preview: bright = near.")
     FUNCTION = "load"
-    CATEGORY = CATEGORY + "/depth"
 
     @classmethod
     def IS_CHANGED(cls, depth_file, **kwargs):
