@@ -311,20 +311,29 @@ def _double_block(block, img, txt, cond, temb, cst: BranchConstants, groups, gro
     return img, txt, cond
 
 
-def _single_block(block, main, cond, temb, cst: BranchConstants, groups, group_index, rope):
-    """main [N, T+L, dim] (text and image share base weights and embedding), cond [N, n, Lc, dim]."""
+def _single_block_input(block, main, cond, temb, cst: BranchConstants, groups, group_index):
+    """AdaLN-modulated input of a single block for all branches, written into one sequence
+    [N, M + n*Lc, dim]; also the gates (main, conditions) and the LoRA segments."""
     N, M, dim = main.shape
     n = 0 if cond is None else cond.shape[1]
     Lc = 0 if cond is None else cond.shape[2]
-    segments = _cond_segments(M, Lc, cst.cond_adapters)
-
     main_mod, cond_mod = _modulations(block.norm, temb, cst.cond_temb, groups, group_index, 3)
     shift, scale, gate = (_main_mod(m) for m in main_mod)
     x = main.new_empty(N, M + n * Lc, dim)
     _modulate(block.norm.norm(main), shift, scale, out=x[:, :M])
+    c_gate = None
     if n:
         c_shift, c_scale, c_gate = (_cond_mod(m) for m in cond_mod)
         _modulate(block.norm.norm(cond), c_shift, c_scale, out=x[:, M:].unflatten(1, (n, Lc)))
+    return x, gate, c_gate, _cond_segments(M, Lc, cst.cond_adapters)
+
+
+def _single_block(block, main, cond, temb, cst: BranchConstants, groups, group_index, rope):
+    """main [N, T+L, dim] (text and image share base weights and embedding), cond [N, n, Lc, dim]."""
+    M = main.shape[1]
+    n = 0 if cond is None else cond.shape[1]
+    Lc = 0 if cond is None else cond.shape[2]
+    x, gate, c_gate, segments = _single_block_input(block, main, cond, temb, cst, groups, group_index)
     mlp = block.act_mlp(lora_linear(block.proj_mlp, x, segments))
     attn_out, _ = _attention(block.attn, x, segments, rope, M, n)
     out = lora_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), segments)
@@ -339,20 +348,10 @@ def _last_single_block(block, main, cond, temb, cst: BranchConstants, groups, gr
     used (norm_out/proj_out), so text and condition tokens contribute just their keys and values.
     Same result as `_single_block` for the image tokens, with no queries, MLP or output projection
     for the others."""
-    N, M, dim = main.shape
-    n = 0 if cond is None else cond.shape[1]
-    Lc = 0 if cond is None else cond.shape[2]
-    segments = _cond_segments(M, Lc, cst.cond_adapters)
+    M = main.shape[1]
     attn = block.attn
     head_dim = attn.head_dim
-
-    main_mod, cond_mod = _modulations(block.norm, temb, cst.cond_temb, groups, group_index, 3)
-    shift, scale, gate = (_main_mod(m) for m in main_mod)
-    x = main.new_empty(N, M + n * Lc, dim)
-    _modulate(block.norm.norm(main), shift, scale, out=x[:, :M])
-    if n:
-        c_shift, c_scale, _ = (_cond_mod(m) for m in cond_mod)
-        _modulate(block.norm.norm(cond), c_shift, c_scale, out=x[:, M:].unflatten(1, (n, Lc)))
+    x, gate, _, segments = _single_block_input(block, main, cond, temb, cst, groups, group_index)
     x_img = x[:, T:M]
     mlp = block.act_mlp(lora_linear(block.proj_mlp, x_img, []))
     q = attn.norm_q(lora_linear(attn.to_q, x_img, []).unflatten(-1, (-1, head_dim)))
