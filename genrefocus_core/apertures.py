@@ -45,6 +45,7 @@ class Aperture:
         self.params = dict(params or {})
         self._radial = radial
         self._mask = mask  # the user's original mask, if any (kept for the condition image)
+        self._ramp_cache: dict = {}  # ramp_kernel results: renders ask for the same levels again and again
 
     def __repr__(self) -> str:
         return f"Aperture({self.name!r}, {self.params})"
@@ -104,14 +105,22 @@ class Aperture:
         """Kernel [n, n] with a linear edge ramp `width` px wide (in circumradius units) centred on the
         outline at `radius`; sampled at pixel centres, normalised to sum 1 (else centre value 1).
         The ramp is centred OUTLINE_EPS px outside the outline so that pixel centres lying exactly on
-        it count as inside (>= half maximum), like `inside`."""
+        it count as inside (>= half maximum), like `inside`. The result is cached: do not modify it."""
         radius, width = float(radius), float(width)
+        key = (radius, width, str(device), dtype, normalize)
+        cached = self._ramp_cache.get(key)
+        if cached is not None:
+            return cached
         half = int(math.ceil(radius + 0.5 * width + OUTLINE_EPS))
         xx, yy = self._grid(half, 1, device, torch.float64)
         k = (0.5 - (self.gauge(xx, yy) - radius - OUTLINE_EPS) / width).clamp(0.0, 1.0)
         if k.sum() <= 0:
             k[half, half] = 1.0
-        return (k / k.sum() if normalize else k).to(dtype)
+        k = (k / k.sum() if normalize else k).to(dtype)
+        if len(self._ramp_cache) >= 512:
+            self._ramp_cache.clear()
+        self._ramp_cache[key] = k
+        return k
 
     def condition_image(self, height: int, width: int, fill: float = 0.8) -> torch.Tensor:
         """White shape on black, [1, H, W, 3] float32: the aperture exemplar the generative BokehNet's

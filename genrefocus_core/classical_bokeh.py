@@ -41,12 +41,18 @@ log = logging.getLogger(__name__)
 LEVEL_STEP = 0.125
 # Levels whose radius is >= 2 * COARSE_RADIUS * s render on an s-times coarser grid (edge ramp 2s px).
 COARSE_RADIUS = 8.0
-# quality -> (level_step, coarse_radius)
-QUALITY_PRESETS = {"fast": (0.25, 4.0), "balanced": (LEVEL_STEP, COARSE_RADIUS), "best": (0.0625, 16.0)}
+# Full-resolution levels are 1 px apart below this radius and 2 px apart from it on (edge ramps as wide
+# as the spacing: at most half the radius, so small shapes keep their corners).
+UNIT_STEP_RADIUS = 4.0
+# quality -> (level_step, coarse_radius, unit_step_radius)
+QUALITY_PRESETS = {"fast": (0.25, 4.0, UNIT_STEP_RADIUS), "balanced": (LEVEL_STEP, COARSE_RADIUS, UNIT_STEP_RADIUS),
+                   "best": (0.0625, 16.0, 16.0)}
 # Radii are capped at this fraction of the image's long edge (a bigger blur is a uniform wash).
 MAX_RADIUS_FRACTION = 0.5
-# Pixels with |r| below this are in focus: copied exactly.
+# Pixels with |r| below this are in focus: copied exactly when the render differs from them by no
+# more than EXACT_TOLERANCE (FFT rounding; light from other levels changes them by more).
 IN_FOCUS_RADIUS = 0.5
+EXACT_TOLERANCE = 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +81,7 @@ class Level:
 
 
 def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVEL_STEP,
-                 coarse_radius: float = COARSE_RADIUS) -> list[Level]:
+                 coarse_radius: float = COARSE_RADIUS, unit_step_radius: float = UNIT_STEP_RADIUS) -> list[Level]:
     """Unsigned level ladder covering [0, max_radius].
 
     Levels 1, 2, ... up to coarse_radius, then at least 2 px and level_step * r apart. A level is rendered on a grid `scale` times coarser
@@ -93,7 +99,7 @@ def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVE
         scale = 1
         while r >= 2 * scale * coarse_radius:
             scale *= 2
-        delta = max(1.0, r * level_step, 2.0 * scale if scale > 1 else (2.0 if r >= coarse_radius else 1.0))
+        delta = max(1.0, r * level_step, 2.0 * scale if scale > 1 else (2.0 if r >= unit_step_radius else 1.0))
         # plateau_norm = sum of the un-normalised kernel (its centre value is 1) times scale^2
         raw = aperture.ramp_kernel(r / scale, delta / scale, dtype=torch.float64, normalize=False)
         levels.append(Level(r, delta, scale, float(raw.sum()) * scale * scale))
@@ -110,27 +116,24 @@ def level_weights(radius_abs: torch.Tensor, levels: list[Level]) -> tuple[torch.
     ramp values f1 = clamp(0.5 - (r - r1)/w1), f2 = clamp(0.5 + (r2 - r)/w2) at distance r, the centre
     heights a1, a2 must satisfy a1 (f1 - 0.5) + a2 (f2 - 0.5) = 0; light weights are e_i = a_i * norm_i.
     """
-    radii = torch.tensor([lv.radius for lv in levels], dtype=radius_abs.dtype, device=radius_abs.device)
-    ramps = torch.tensor([lv.ramp for lv in levels], dtype=radius_abs.dtype, device=radius_abs.device)
-    norms = torch.tensor([lv.plateau_norm for lv in levels], dtype=radius_abs.dtype, device=radius_abs.device)
+    dev = radius_abs.device
+    radii = torch.tensor([lv.radius for lv in levels], dtype=torch.float32, device=dev)
     n = len(levels) - 1
-    r = radius_abs.clamp(0.0, float(radii[-1]))
+    r = radius_abs.to(torch.float32).clamp(0.0, levels[-1].radius)
     lo = (torch.searchsorted(radii, r.contiguous(), right=True) - 1).clamp(0, max(n - 1, 0))
     if n == 0:
         return lo, torch.ones_like(r), torch.zeros_like(r)
-    hi = lo + 1
-    r1, r2 = radii[lo], radii[hi]
-    f1 = (0.5 - (r - r1) / ramps[lo].clamp_min(1e-6)).clamp(0.0, 1.0)
-    f2 = (0.5 + (r2 - r) / ramps[hi]).clamp(0.0, 1.0)
-    a1 = (f2 - 0.5).clamp_min(0.0)
-    a2 = (0.5 - f1).clamp_min(0.0)
-    e1, e2 = a1 * norms[lo], a2 * norms[hi]
-    w_hi = e2 / (e1 + e2).clamp_min(1e-12)
+    # per interval (level i, i + 1): r1, 1 / w1, norm1, r2, 1 / w2, norm2; since r1 <= r <= r2 and the
+    # ramps are at least the spacing, a1 = f2 - 0.5 = min((r2 - r) / w2, 0.5), a2 = min((r - r1) / w1, 0.5)
+    table = torch.tensor([[lv.radius, 1.0 / max(lv.ramp, 1e-6), lv.plateau_norm] for lv in levels], dtype=torch.float32)
+    table = torch.cat([table[:-1], table[1:]], dim=1).to(dev)
+    r1, iw1, n1, r2, iw2, n2 = table.index_select(0, lo.flatten()).view(*r.shape, 6).unbind(-1)
+    e1 = ((r2 - r) * iw2).clamp_max_(0.5).mul_(n1)
+    e2 = ((r - r1) * iw1).clamp_max_(0.5).mul_(n2)
+    w_hi = e2 / (e1 + e2).clamp_min_(1e-12)
     # between identity (level 0) and radius 1: in focus below 0.5, then a linear blend
-    first = lo == 0
-    t = ((r - IN_FOCUS_RADIUS) / (radii[1] - IN_FOCUS_RADIUS)).clamp(0.0, 1.0)
-    w_hi = torch.where(first, t, w_hi)
-    w_hi = torch.where(r >= radii[-1], torch.ones_like(w_hi), w_hi)
+    t = ((r - IN_FOCUS_RADIUS) / (levels[1].radius - IN_FOCUS_RADIUS)).clamp(0.0, 1.0)
+    w_hi = torch.where(lo == 0, t, w_hi)
     return lo, 1.0 - w_hi, w_hi
 
 
@@ -154,19 +157,20 @@ def _fast_size(n: int) -> int:
     return best
 
 
-# In the paired complex FFT of fft_convolve the last channel (coverage, the largest) is scaled down by
-# this power of two, so its rounding noise does not swamp the dim colour channel it shares a transform
-# with (point lights on black would otherwise gain a faint noise floor).
-PAIRED_LAST_SCALE = 1.0 / 16.0
+# A level's four real channels (premultiplied linear RGB + coverage) travel as two complex planes,
+# (R + iG) and (B + iA), tensors [B, 2, h, w] complex: the kernel is real, so real and imaginary parts
+# stay apart through the convolution, and two complex FFTs beat four real ones. The coverage is scaled
+# by ALPHA_SCALE (a power of two, exact) so its rounding noise does not swamp the dim blue channel it
+# shares a transform with (point lights on black would otherwise gain a faint noise floor); the
+# accumulators keep that scale.
+ALPHA_SCALE = 1.0 / 16.0
 _KERNEL_SPECTRA: dict = {}
 _KERNEL_CACHE_BYTES = 256 * 2 ** 20
 
 
-def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int, full: bool = False) -> torch.Tensor:
-    """rfft2 (full: fft2) of the kernel centred at (0, 0) on an lh x lw grid (cached: levels repeat
-    across calls)."""
-    key = (kernel.shape[-1], lh, lw, full, kernel.dtype, str(kernel.device),
-           hash(kernel.cpu().numpy().tobytes()))
+def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
+    """fft2 [lh, lw] (complex) of the kernel centred at (0, 0), cached: levels repeat across calls."""
+    key = (kernel.shape[-1], lh, lw, kernel.dtype, str(kernel.device), hash(kernel.cpu().numpy().tobytes()))
     spec = _KERNEL_SPECTRA.get(key)
     if spec is None:
         k = kernel.shape[-1]
@@ -176,7 +180,13 @@ def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int, full: bool = False)
         kpad[: k - p, lw - p:] = kernel[p:, :p]
         kpad[lh - p:, : k - p] = kernel[:p, p:]
         kpad[lh - p:, lw - p:] = kernel[:p, :p]
-        spec = torch.fft.fft2(kpad) if full else torch.fft.rfft2(kpad)
+        half = torch.fft.rfft2(kpad)  # the kernel is real: the other half of the spectrum mirrors this one
+        spec = torch.empty(lh, lw, dtype=half.dtype, device=half.device)
+        spec[:, : half.shape[-1]] = half
+        tail = lw - half.shape[-1]
+        if tail > 0:
+            mirror = torch.roll(torch.flip(half, dims=(0,)), 1, dims=0)  # row (-u) mod lh
+            spec[:, half.shape[-1]:] = torch.flip(mirror[:, 1:1 + tail], dims=(1,)).conj()
         used = sum(v.numel() * v.element_size() for v in _KERNEL_SPECTRA.values())
         if used + spec.numel() * spec.element_size() > _KERNEL_CACHE_BYTES:
             _KERNEL_SPECTRA.clear()
@@ -184,272 +194,393 @@ def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int, full: bool = False)
     return spec
 
 
-def fft_convolve(x: torch.Tensor, kernel: torch.Tensor, zero_margin: bool = False) -> torch.Tensor:
-    """'Same'-size linear convolution of x [N,C,H,W] with an odd square kernel [k,k], zero outside.
-
-    zero_margin: x is already zero within k//2 of its borders, so a circular convolution of x's own
-    size is exact (no extra padding)."""
-    k = kernel.shape[-1]
-    if k == 1:
-        return x * kernel.reshape(())
-    n, c, h, w = x.shape
-    p = 0 if zero_margin else k // 2
-    lh, lw = _fast_size(max(h + p, k)), _fast_size(max(w + p, k))
-    if c % 2 == 0:
-        # channel pairs as real and imaginary parts of one complex image: the kernel is real, so the
-        # two stay apart, and torch's complex FFTs beat its real-to-complex pair (~25% faster here)
-        scale = torch.ones(c // 2, 1, 1, dtype=x.dtype, device=x.device)
-        scale[-1] = PAIRED_LAST_SCALE
-        spec = torch.fft.fft2(torch.complex(x[:, 0::2], x[:, 1::2] * scale), s=(lh, lw))
-        spec *= _kernel_spectrum(kernel.to(x.dtype), lh, lw, full=True)
-        y = torch.view_as_real(torch.fft.ifft2(spec))[..., :h, :w, :]  # [N, C/2, h, w, 2]
-        y = y.movedim(-1, 2).reshape(n, c, h, w)
-        y[:, -1] *= 1.0 / PAIRED_LAST_SCALE
-        return y
-    spec = torch.fft.rfft2(x, s=(lh, lw))
-    spec *= _kernel_spectrum(kernel.to(x.dtype), lh, lw)
-    return torch.fft.irfft2(spec, s=(lh, lw))[..., :h, :w]
+def resampling_variance(scale: int) -> float:
+    """Per-axis variance (fine px^2) of the blur a coarse level picks up: the bilinear splat onto a grid
+    `scale` times coarser, then bilinear 2x interpolations back to full resolution (a tent of half-width
+    f has variance f^2 / 6)."""
+    var = scale * scale / 6.0
+    f = scale
+    while f > 1:
+        var += f * f / 6.0
+        f //= 2
+    return var
 
 
-def _phases(scale: int) -> list[float]:
-    """Offsets of the `scale` fine samples of a coarse cell from the cell centre, in coarse cells."""
-    return [(q + 0.5) / scale - 0.5 for q in range(scale)]
-
-
-def _splat_dim(x: torch.Tensor, scale: int, dim: int, gain: float = 1.0) -> torch.Tensor:
-    """Bilinear splat along dim 2 or 3 of [N,C,H,W] (the adjoint of bilinear interpolation with
-    align_corners=False), times `gain`; that dim's length is a multiple of scale, one coarse cell per
-    `scale` samples. Each fine sample goes to its own cell and, by its offset, to one neighbour."""
-    cells = x.shape[dim] // scale
-    xr = x.unflatten(dim, (cells, scale))
-    shape = list(x.shape)
-    shape[dim] = cells
-    out = torch.zeros(shape, dtype=x.dtype, device=x.device)
-    for q, d in enumerate(_phases(scale)):
-        sample = xr.select(dim + 1, q)
-        out.add_(sample, alpha=gain * (1.0 - abs(d)))
-        if d > 0:  # towards the next cell
-            out.narrow(dim, 1, cells - 1).add_(sample.narrow(dim, 0, cells - 1), alpha=gain * d)
-        elif d < 0:
-            out.narrow(dim, 0, cells - 1).add_(sample.narrow(dim, 1, cells - 1), alpha=-gain * d)
-    return out
-
-
-def _splat(x: torch.Tensor, scale: int) -> torch.Tensor:
-    """Bilinear splat of x [N,C,h,w] onto a grid `scale` times coarser: the adjoint of `_upsample`.
-    The coarse grid has one extra cell on each side, so nothing is clamped at the borders; splat then
-    upsample keeps each pixel's energy (after dividing by scale^2) and its centroid."""
-    n, c, h, w = x.shape
-    hc, wc = -(-h // scale) + 2, -(-w // scale) + 2
-    full = F.pad(x, (scale, wc * scale - w - scale, scale, hc * scale - h - scale))
-    return _splat_dim(_splat_dim(full, scale, 2), scale, 3)
-
-
-def _interpolate_dim(y: torch.Tensor, scale: int, dim: int, length: int) -> torch.Tensor:
-    """Bilinear interpolation (align_corners=False) along dim 2 or 3 of a `_splat` grid, keeping the
-    `length` fine samples after the leading coarse cell (they never reach the clamped border cells)."""
-    m = y.shape[dim] - 2
-    shape = list(y.shape)
-    shape[dim] = m * scale
-    out = torch.empty(shape, dtype=y.dtype, device=y.device)
-    ov = out.unflatten(dim, (m, scale))
-    for q, d in enumerate(_phases(scale)):
-        if d >= 0:
-            torch.lerp(y.narrow(dim, 1, m), y.narrow(dim, 2, m), d, out=ov.select(dim + 1, q))
-        else:
-            torch.lerp(y.narrow(dim, 0, m), y.narrow(dim, 1, m), 1.0 + d, out=ov.select(dim + 1, q))
-    return out.narrow(dim, 0, length)
-
-
-def _upsample(y: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear interpolation (align_corners=False) of the coarse grid of `_splat` back to `size`."""
-    return _interpolate_dim(_interpolate_dim(y, scale, 2, size[0]), scale, 3, size[1])
-
-
-def _kernel(level: Level, aperture: Aperture, flip: bool, device, dtype) -> torch.Tensor:
-    """The level's kernel on its grid. On a coarse grid the splat and the interpolation add a blur of
-    variance about scale^2 / 3 per axis, which pulls a curved outline's half-maximum inwards by
-    variance / (2 r); the kernel is drawn that much larger to compensate."""
+def _kernel(level: Level, aperture: Aperture, device) -> torch.Tensor:
+    """The level's kernel on its grid. On a coarse grid the resampling blur (`resampling_variance`) pulls
+    a curved outline's half-maximum inwards by about variance / (2 r); the kernel is drawn that much
+    larger to compensate."""
     s = level.scale
-    radius = level.radius + (s * s / (6.0 * level.radius) if s > 1 else 0.0)
-    k = aperture.ramp_kernel(radius / s, level.ramp / s, device=device, dtype=dtype)
-    return torch.flip(k, dims=(0, 1)) if flip else k
+    radius = level.radius + (resampling_variance(s) / (2.0 * level.radius) if s > 1 else 0.0)
+    return aperture.ramp_kernel(radius / s, level.ramp / s, device=device, dtype=torch.float32)
 
 
-def _tile_view(x: torch.Tensor, t: int) -> torch.Tensor:
-    """[B,C,Hp,Wp] (Hp, Wp multiples of t) -> view [B, Hp/t, Wp/t, C, t, t]."""
-    b, c, hp, wp = x.shape
-    return x.view(b, c, hp // t, t, wp // t, t).permute(0, 2, 4, 1, 3, 5)
+
+
+def _channels(planes: torch.Tensor) -> torch.Tensor:
+    """Complex planes [B,2,h,w] -> real view [B,2,h,w,2]; RGBA channel c is [:, c // 2, ..., c % 2]."""
+    return torch.view_as_real(planes)
+
+
+def _transmittance(planes: torch.Tensor) -> torch.Tensor:
+    """1 - coverage [B,h,w] of complex planes, in one pass."""
+    return torch.rsub(planes[:, 1].imag, 1.0, alpha=1.0 / ALPHA_SCALE)
+
+
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """[B,h,w] real -> [B,1,h,w,2] with each value twice, to scale both parts of complex planes in one
+    contiguous pass (a broadcast over the size-2 axis is several times slower on CPU)."""
+    return torch.view_as_real(torch.complex(x, x))[:, None]
+
+
+def _planar(planes: torch.Tensor) -> torch.Tensor:
+    """Complex planes [B,2,h,w] -> real [B,4,h,w] RGBA (a copy)."""
+    B, _, h, w = planes.shape
+    return _channels(planes).permute(0, 1, 4, 2, 3).reshape(B, 4, h, w)
+
+
+def _from_planar(x: torch.Tensor) -> torch.Tensor:
+    """Real [B,4,h,w] RGBA -> complex planes [B,2,h,w]."""
+    return torch.complex(x[:, 0::2].contiguous(), x[:, 1::2].contiguous())
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A lattice of cells `scale` image pixels wide; cell (0, 0) starts at image pixel (y0, x0).
+    Coarse lattices of all scales share (y0, x0), a multiple of every scale, so interpolating one by 2x
+    lands on the cells of the next."""
+    scale: int
+    y0: int
+    x0: int
+    h: int
+    w: int
+
+
+@dataclass
+class LevelCanvas:
+    """A rendered full-resolution level: complex planes [B,2,h,w] whose pixel (0, 0) is image pixel
+    (y0, x0); it may reach past the image borders."""
+    planes: torch.Tensor
+    y0: int
+    x0: int
+
+    def clip(self, H: int, W: int):
+        """(image slices, canvas slices) of the overlap with an H x W image, or None."""
+        h, w = self.planes.shape[2], self.planes.shape[3]
+        ya, xa = max(self.y0, 0), max(self.x0, 0)
+        yb, xb = min(self.y0 + h, H), min(self.x0 + w, W)
+        if ya >= yb or xa >= xb:
+            return None
+        return (slice(ya, yb), slice(xa, xb)), (slice(ya - self.y0, yb - self.y0), slice(xa - self.x0, xb - self.x0))
 
 
 class _LevelRenderer:
-    """Renders one depth level at a time, touching only the tiles where that level has pixels.
+    """Renders one depth level at a time from a list of the pixels that send light to it.
 
-    Full-resolution levels are convolved tile by tile (FFT per tile with a halo, overlap-added into a
-    canvas); coarse levels are gathered into a canvas, splatted to the coarse grid, convolved there and
-    interpolated back. Each result is a canvas [B,4,h,w] (premultiplied RGB + coverage) placed at
-    (y0, x0) in image coordinates, possibly reaching past the image borders.
+    Every pixel sends its light to the two levels that bracket its radius. Those (level, pixel,
+    weight) entries are sorted by level once, so drawing a level touches only its own pixels.
+    A full-resolution level is drawn into a zero canvas covering its pixels plus the blur margin; a
+    coarse level is bilinearly splatted onto the shared lattice of its scale. Either is convolved with
+    the aperture kernel by FFT.
     """
 
-    BASE_TILE = 32
-    PAD_TO = 128
-    TILE_OVERHEAD = 600  # fixed cost of one tile in the tiled path, in units of one FFT-grid pixel
-
-    def __init__(self, lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front, regions=None):
+    def __init__(self, lin, level_lo, w_lo, w_hi, sign, levels, aperture, flip_front, regions=None):
         B, _, H, W = lin.shape
-        self.regions = regions  # None, or [(y0, y1, x0, x1, aperture)] covering the image
-        self.B, self.H, self.W = B, H, W
-        self.levels, self.aperture, self.flip_front = levels, aperture, flip_front
-        hp, wp = -(-H // self.PAD_TO) * self.PAD_TO, -(-W // self.PAD_TO) * self.PAD_TO
-        # channels: linear RGB, lower/upper level weight, lower/upper signed level index; zero weights
-        # in the padding
-        self.data = torch.zeros(B, 7, hp, wp, dtype=lin.dtype, device=lin.device)
-        self.data[:, :3, :H, :W] = lin
-        for c, m in enumerate((w_lo, w_hi, lo_signed, hi_signed), start=3):
-            self.data[:, c, :H, :W] = m
-        big = float(10 ** 6)
-        lo_min = torch.where(w_lo > 0, lo_signed.to(lin.dtype), big)
-        hi_min = torch.where(w_hi > 0, hi_signed.to(lin.dtype), big)
-        lo_max = torch.where(w_lo > 0, lo_signed.to(lin.dtype), -big)
-        hi_max = torch.where(w_hi > 0, hi_signed.to(lin.dtype), -big)
-        t = self.BASE_TILE
-        mn = F.pad(torch.minimum(lo_min, hi_min)[:, None], (0, wp - W, 0, hp - H), value=big)
-        mx = F.pad(torch.maximum(lo_max, hi_max)[:, None], (0, wp - W, 0, hp - H), value=-big)
-        self.tile_min = -F.max_pool2d(-mn, t)[:, 0]
-        self.tile_max = F.max_pool2d(mx, t)[:, 0]
+        self.B, self.H, self.W, self.device = B, H, W, lin.device
+        self.levels, self.aperture, self.flip_front, self.regions = levels, aperture, flip_front, regions
+        n = len(levels) - 1
+        self.n = n
+        N = B * H * W
+        # keys: signed level + n, or 2n + 1 (sorted last, dropped) for an entry without light
+        small = torch.int16 if 2 * n + 1 < 2 ** 15 else torch.int32
+        sign = sign.flatten().to(small)
+        lo = (level_lo.flatten().to(small) * sign).add_(n)
+        keys = torch.cat([lo, lo + sign])
+        weights = torch.cat([w_lo.flatten(), w_hi.flatten()])
+        keys = torch.where(weights > 0, keys, 2 * n + 1)
+        if 2 * n + 1 < 256:
+            keys = keys.to(torch.uint8)  # sorts fastest
+        order = torch.argsort(keys, stable=True)
+        counts = torch.bincount(keys.to(torch.int64), minlength=2 * n + 2)
+        self.offsets = [0] + torch.cumsum(counts, 0).tolist()
+        order = order[: self.offsets[-2]]
+        rgb = lin.permute(0, 2, 3, 1).reshape(N, 3).to(torch.float32)
+        table = torch.cat([torch.cat([rgb * w[:, None], w[:, None] * ALPHA_SCALE], dim=1)
+                           for w in (w_lo.flatten(), w_hi.flatten())])  # [2N, 4]
+        self.values = torch.view_as_complex(table.index_select(0, order).view(-1, 2, 2))
+        # entry i of the unsorted list is pixel i mod N
+        pix = order.to(torch.int32) if 2 * N < 2 ** 31 else order
+        pix = torch.where(pix >= N, pix - N, pix)
+        row = pix // W
+        self.x = pix - row * W
+        self.b = row // H if B > 1 else None
+        self.y = row - self.b * H if B > 1 else row
+        self._kernels = {}
+        # the coarse lattices, sharing one origin and margin
+        coarse = [lv for lv in levels if lv.scale > 1]
+        self.grids = {}
+        if coarse:
+            top = max(lv.scale for lv in coarse)
+            reach = max(self.kernel(lv, aperture).shape[-1] // 2 * lv.scale for lv in coarse)
+            if regions:
+                reach = int(reach * 1.5) + 2  # clipped (vignetted) shapes are drawn a little larger
+            margin = -(-(reach + 2 * top) // top) * top
+            for s in sorted({lv.scale for lv in coarse}):
+                self.grids[s] = _Grid(s, -margin, -margin, -(-(H + 2 * margin) // s) + 1,
+                                      -(-(W + 2 * margin) // s) + 1)
 
-    def _active_tiles(self, idx: int, tile: int) -> torch.Tensor:
-        act = ((self.tile_min <= idx) & (self.tile_max >= idx)).to(self.data.dtype)
-        m = tile // self.BASE_TILE
-        if m > 1:
-            act = F.max_pool2d(act[:, None], m)[:, 0]
-        return (act > 0).nonzero()  # [N, 3]: batch, tile row, tile col
+    def kernel(self, level: Level, aperture: Aperture) -> torch.Tensor:
+        key = (level, id(aperture))
+        if key not in self._kernels:
+            self._kernels[key] = _kernel(level, aperture, self.device)
+        return self._kernels[key]
 
-    def _layer_tiles(self, idx: int, tiles: torch.Tensor, tile: int) -> torch.Tensor:
-        d = _tile_view(self.data, tile)[tiles[:, 0], tiles[:, 1], tiles[:, 2]]  # [N,7,t,t]
-        alpha = (torch.where(d[:, 5] == idx, d[:, 3], 0.0) + torch.where(d[:, 6] == idx, d[:, 4], 0.0))[:, None]
-        return torch.cat([d[:, :3] * alpha, alpha], dim=1)
+    def spectrum(self, level: Level, aperture: Aperture, flip: bool, lh: int, lw: int) -> torch.Tensor:
+        """Kernel spectrum of a level; the shape turned by 180 degrees (flip) has the conjugate spectrum."""
+        spec = _kernel_spectrum(self.kernel(level, aperture), lh, lw)
+        return spec.conj() if flip else spec
 
-    def render(self, idx: int):
-        """-> (canvas [B,4,h,w], y0, x0) of level `idx` (signed), or None if it has no pixels."""
-        level = self.levels[abs(idx)]
-        dtype, device = self.data.dtype, self.data.device
-        if idx != 0 and self.regions:
-            tiles = self._active_tiles(idx, self.PAD_TO)
-            return None if tiles.shape[0] == 0 else self._render_regions(idx, level, tiles, self.PAD_TO)
-        if idx == 0 or level.scale == 1:
-            kernel = None if idx == 0 else _kernel(level, self.aperture, self.flip_front and idx > 0, device, dtype)
-            p = 0 if kernel is None else kernel.shape[-1] // 2
-            tile = 32 if p <= 4 else (64 if p <= 16 else 128)
-            tiles = self._active_tiles(idx, tile)
-            if tiles.shape[0] == 0:
-                return None
-            ty, tx = tiles[:, 1], tiles[:, 2]
-            bbox_h = (int(ty.max()) - int(ty.min()) + 1) * tile
-            bbox_w = (int(tx.max()) - int(tx.min()) + 1) * tile
-            if kernel is None:
-                # identity level: one masked copy of the bounding box unless the tiles are sparse in it
-                if 2 * tiles.shape[0] * tile * tile >= bbox_h * bbox_w:
-                    return self._render_dense(idx, level, None, tiles, tile)
-            else:
-                # per-tile FFTs cost about twice as much per pixel as one big FFT, plus a fixed overhead
-                dense_cost = _fast_size(bbox_h + 3 * p) * _fast_size(bbox_w + 3 * p)
-                tile_cost = tiles.shape[0] * (2 * _fast_size(tile + 2 * p) ** 2 + self.TILE_OVERHEAD)
-                if dense_cost < tile_cost:
-                    return self._render_dense(idx, level, kernel, tiles, tile)
-            layer = self._layer_tiles(idx, tiles, tile)
-            if kernel is not None:
-                size = _fast_size(tile + 2 * p)
-                kpad = torch.zeros(size, size, dtype=dtype, device=device)
-                kpad[: kernel.shape[0], : kernel.shape[1]] = kernel
-                spec = torch.fft.rfft2(layer, s=(size, size)) * torch.fft.rfft2(kpad)
-                layer = torch.fft.irfft2(spec, s=(size, size))[..., : tile + 2 * p, : tile + 2 * p]
-            ty, tx = tiles[:, 1], tiles[:, 2]
-            y0, x0 = int(ty.min()) * tile - p, int(tx.min()) * tile - p
-            h = (int(ty.max()) + 1) * tile + p - y0
-            w = (int(tx.max()) + 1) * tile + p - x0
-            canvas = torch.zeros(self.B, 4, h, w, dtype=dtype, device=device)
-            span = tile + 2 * p
-            for n, (b, r, c) in enumerate(tiles.tolist()):
-                ys, xs = r * tile - p - y0, c * tile - p - x0
-                canvas[b, :, ys:ys + span, xs:xs + span] += layer[n]
-            return canvas, y0, x0
-        # coarse level: gather, splat, convolve on the coarse grid, interpolate back
-        tile = self.PAD_TO
-        tiles = self._active_tiles(idx, tile)
-        if tiles.shape[0] == 0:
+    def _entries(self, idx: int, region=None):
+        """(batch, y, x, complex planes' values [E, 2]) of level idx's pixels (in `region`), or None."""
+        a, b = self.offsets[idx + self.n], self.offsets[idx + self.n + 1]
+        if a == b:
             return None
-        kernel = _kernel(level, self.aperture, self.flip_front and idx > 0, device, dtype)
-        return self._render_dense(idx, level, kernel, tiles, tile)
+        ent = (None if self.b is None else self.b[a:b], self.y[a:b], self.x[a:b], self.values[a:b])
+        if region is not None:
+            y0, y1, x0, x1 = region
+            y, x = ent[1], ent[2]
+            inside = ((y >= y0) & (y < y1) & (x >= x0) & (x < x1)).nonzero().flatten()
+            if inside.numel() == 0:
+                return None
+            ent = tuple(None if t is None else t.index_select(0, inside) for t in ent)
+        return ent
 
-    def _render_regions(self, idx, level, tiles, tile):
-        """Like `_render_dense`, but each image region is convolved with its own aperture (vignetting
-        that changes across the frame); the pieces are summed into one canvas for the level."""
-        ty, tx = tiles[:, 1], tiles[:, 2]
-        by0, bx0 = int(ty.min()) * tile, int(tx.min()) * tile
-        by1, bx1 = min((int(ty.max()) + 1) * tile, self.H), min((int(tx.max()) + 1) * tile, self.W)
+    def _parts(self, idx: int):
+        """[(entries, aperture)] of a level: the whole level, or one part per vignetting region."""
+        if not self.regions:
+            ent = self._entries(idx)
+            return [] if ent is None else [(ent, self.aperture)]
         parts = []
-        for ry0, ry1, rx0, rx1, ap in self.regions:
-            y0, y1, x0, x1 = max(by0, ry0), min(by1, ry1), max(bx0, rx0), min(bx1, rx1)
-            if y0 >= y1 or x0 >= x1:
-                continue
-            kernel = _kernel(level, ap, self.flip_front and idx > 0, self.data.device, self.data.dtype)
-            parts.append(self._render_box(idx, level, kernel, y0, y1, x0, x1))
-        parts = [p for p in parts if p is not None]
+        for y0, y1, x0, x1, ap in self.regions:
+            ent = self._entries(idx, (y0, y1, x0, x1))
+            if ent is not None:
+                parts.append((ent, ap))
+        return parts
+
+    def render(self, idx: int) -> LevelCanvas | None:
+        """A full-resolution level (scale 1) as a canvas, or None if it has no pixels."""
+        level = self.levels[abs(idx)]
+        if idx == 0:  # in focus: drawn as is
+            ent = self._entries(0)
+            return None if ent is None else self._draw_fine(ent, 0)
+        canvases = []
+        for ent, ap in self._parts(idx):
+            p = self.kernel(level, ap).shape[-1] // 2
+            canvas = self._draw_fine(ent, p)
+            h, w = canvas.planes.shape[-2:]
+            spec = torch.fft.fft2(canvas.planes)
+            spec *= self.spectrum(level, ap, self.flip_front and idx > 0, h, w)
+            y, x = ent[1], ent[2]
+            ch, cw = int(y.max()) - int(y.min()) + 1 + 2 * p, int(x.max()) - int(x.min()) + 1 + 2 * p
+            canvases.append(LevelCanvas(torch.fft.ifft2(spec)[..., :ch, :cw], canvas.y0, canvas.x0))
+        return _sum_canvases(canvases, self.B)
+
+    def _draw_fine(self, ent, margin: int) -> LevelCanvas:
+        """Zero canvas (FFT-friendly size) with the entries drawn in, `margin` px around their box."""
+        b, y, x, vals = ent
+        by0, bx0 = int(y.min()), int(x.min())
+        gh = _fast_size(int(y.max()) + 1 - by0 + 2 * margin)
+        gw = _fast_size(int(x.max()) + 1 - bx0 + 2 * margin)
+        planes = torch.zeros(self.B, 2, gh, gw, dtype=vals.dtype, device=vals.device)
+        pos = (y - (by0 - margin)).long() * gw + (x - (bx0 - margin))
+        if b is not None:
+            pos += b.long() * (2 * gh * gw)
+        plane = torch.tensor([0, gh * gw], device=pos.device)
+        planes.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
+        return LevelCanvas(planes, by0 - margin, bx0 - margin)
+
+    def render_coarse(self, idx: int) -> torch.Tensor | None:
+        """A coarse level on its scale's shared lattice: complex planes [B,2,grid.h,grid.w], or None."""
+        level = self.levels[abs(idx)]
+        grid = self.grids[level.scale]
+        parts = self._parts(idx)
         if not parts:
             return None
-        top = min(p[1] for p in parts)
-        left = min(p[2] for p in parts)
-        bottom = max(p[1] + p[0].shape[-2] for p in parts)
-        right = max(p[2] + p[0].shape[-1] for p in parts)
-        canvas = torch.zeros(self.B, 4, bottom - top, right - left, dtype=self.data.dtype, device=self.data.device)
-        for c, y0, x0 in parts:
-            canvas[:, :, y0 - top:y0 - top + c.shape[-2], x0 - left:x0 - left + c.shape[-1]] += c
-        return canvas, top, left
+        lh, lw = _fast_size(grid.h), _fast_size(grid.w)
+        spec = None
+        for ent, ap in parts:
+            planes = torch.zeros(self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
+            self._splat(ent, grid, planes)
+            part = torch.fft.fft2(planes)
+            part *= self.spectrum(level, ap, self.flip_front and idx > 0, lh, lw)
+            spec = part if spec is None else spec.add_(part)
+        return torch.fft.ifft2(spec)[..., : grid.h, : grid.w]
 
-    def _render_dense(self, idx, level, kernel, tiles, tile):
-        ty, tx = tiles[:, 1], tiles[:, 2]
-        by0, bx0 = int(ty.min()) * tile, int(tx.min()) * tile
-        by1, bx1 = (int(ty.max()) + 1) * tile, (int(tx.max()) + 1) * tile
-        return self._render_box(idx, level, kernel, by0, by1, bx0, bx1)
-
-    def _render_box(self, idx, level, kernel, by0, by1, bx0, bx1):
-        """Cut the bounding box of the level's tiles (with a margin for the blur) and convolve it whole,
-        on the level's grid."""
-        s = level.scale
-        margin = 0 if kernel is None else kernel.shape[-1] // 2 * s + (2 * s if s > 1 else 0)
-        d = self.data[:, :, by0:by1, bx0:bx1]
-        h, w = by1 - by0 + 2 * margin, bx1 - bx0 + 2 * margin
-        # on a coarse grid: one empty coarse cell before the content and whole cells throughout (see _splat)
-        lead = s if s > 1 else 0
-        ch = h if s == 1 else (-(-h // s) + 2) * s
-        cw = w if s == 1 else (-(-w // s) + 2) * s
-        if s == 1 and kernel is not None:
-            # allocate the FFT grid at once (zero beyond the margin), so rfft2 needs no padded copy
-            ch, cw = _fast_size(max(h, kernel.shape[-1])), _fast_size(max(w, kernel.shape[-1]))
-        canvas = torch.zeros(self.B, 4, ch, cw, dtype=d.dtype, device=d.device)
-        inner = canvas[:, :, lead + margin:lead + margin + by1 - by0, lead + margin:lead + margin + bx1 - bx0]
-        alpha = inner[:, 3]
-        torch.mul(d[:, 3], d[:, 5] == idx, out=alpha)
-        alpha.addcmul_(d[:, 4], d[:, 6] == idx)
-        torch.mul(d[:, :3], alpha[:, None], out=inner[:, :3])
-        y0, x0 = by0 - margin, bx0 - margin
-        if s == 1:
-            if kernel is None:
-                return canvas, y0, x0
-            return fft_convolve(canvas, kernel, zero_margin=True)[..., :h, :w], y0, x0
-        low = _splat_dim(_splat_dim(canvas, s, 2, 1.0 / (s * s)), s, 3)
-        low = fft_convolve(low, kernel, zero_margin=True)
-        return _upsample(low, s, (h, w)), y0, x0
+    def _splat(self, ent, grid: _Grid, planes: torch.Tensor) -> None:
+        """Bilinear splat of the entries onto the lattice (the adjoint of bilinear interpolation with
+        align_corners=False, so splat + interpolation keeps each pixel's energy and centroid)."""
+        b, y, x, vals = ent
+        s = grid.scale
+        lh, lw = planes.shape[-2:]
+        u = (y - grid.y0).to(torch.float32).add_(0.5).div_(s).sub_(0.5)
+        v = (x - grid.x0).to(torch.float32).add_(0.5).div_(s).sub_(0.5)
+        iu, iv = u.floor(), v.floor()
+        tu, tv = u - iu, v - iv
+        base = iu.long() * lw + iv.long()
+        if b is not None:
+            base += b.long() * (2 * lh * lw)
+        plane = torch.tensor([0, lh * lw], device=base.device)
+        vals = vals * (1.0 / (s * s))
+        flat = planes.view(-1)
+        for dpos, wgt in ((0, (1 - tu) * (1 - tv)), (1, (1 - tu) * tv), (lw, tu * (1 - tv)), (lw + 1, tu * tv)):
+            flat.index_add_(0, (base[:, None] + (plane + dpos)).flatten(), (vals * wgt[:, None]).flatten())
 
 
-def _clip(y0: int, x0: int, h: int, w: int, H: int, W: int):
-    """Overlap of a canvas at (y0, x0) of size h x w with the image: (image slices, canvas slices)."""
-    ya, xa = max(y0, 0), max(x0, 0)
-    yb, xb = min(y0 + h, H), min(x0 + w, W)
-    if ya >= yb or xa >= xb:
-        return None
-    return (slice(ya, yb), slice(xa, xb)), (slice(ya - y0, yb - y0), slice(xa - x0, xb - x0))
+def _sum_canvases(parts: list[LevelCanvas], batch: int) -> LevelCanvas | None:
+    if len(parts) <= 1:
+        return parts[0] if parts else None
+    top = min(c.y0 for c in parts)
+    left = min(c.x0 for c in parts)
+    bottom = max(c.y0 + c.planes.shape[2] for c in parts)
+    right = max(c.x0 + c.planes.shape[3] for c in parts)
+    total = torch.zeros(batch, 2, bottom - top, right - left, dtype=parts[0].planes.dtype,
+                        device=parts[0].planes.device)
+    for c in parts:
+        h, w = c.planes.shape[2], c.planes.shape[3]
+        total[:, :, c.y0 - top:c.y0 - top + h, c.x0 - left:c.x0 - left + w] += c.planes
+    return LevelCanvas(total, top, left)
+
+
+def _upsample(x: torch.Tensor, src: _Grid, dst: _Grid) -> torch.Tensor:
+    """Bilinear interpolation (align_corners=False) of real [B,C,src.h,src.w] on lattice src to lattice
+    dst (finer by a power of two, both from the same origin or dst = the image at (0, 0))."""
+    f = src.scale // dst.scale
+    # cells of src that the dst window needs, with one cell of context on each side
+    oy, ox = (dst.y0 - src.y0) // src.scale - 1, (dst.x0 - src.x0) // src.scale - 1
+    ny, nx = -(-dst.h // f) + 3, -(-dst.w // f) + 3
+    ya, xa = max(oy, 0), max(ox, 0)
+    window = x[:, :, ya:oy + ny, xa:ox + nx]
+    window = F.pad(window, (xa - ox, ox + nx - xa - window.shape[-1], ya - oy, oy + ny - ya - window.shape[-2]),
+                   mode="replicate")
+    up = F.interpolate(window, scale_factor=f, mode="bilinear", align_corners=False)
+    sy = dst.y0 - src.y0 - (oy * src.scale)
+    sx = dst.x0 - src.x0 - (ox * src.scale)
+    return up[:, :, sy // dst.scale: sy // dst.scale + dst.h, sx // dst.scale: sx // dst.scale + dst.w]
+
+
+def _over(acc: torch.Tensor, pending, level) -> None:
+    """acc = acc * (1 - coverage of level) + pending, in place (complex planes on one lattice)."""
+    a = _channels(acc)
+    if level is not None:
+        keep = _pairs(_transmittance(level))
+        if pending is not None:
+            torch.addcmul(_channels(pending), a, keep, out=a)
+        else:
+            a.mul_(keep)
+    elif pending is not None:
+        a.add_(_channels(pending))
+
+
+def _move(tensors, src: _Grid, dst: _Grid):
+    """Complex planes (or None) and real maps [B,h,w] on lattice src -> the same on lattice dst."""
+    real = []
+    for t in tensors:
+        if t is not None:
+            real.append(_planar(t) if t.is_complex() else t[:, None])
+    up = _upsample(torch.cat(real, dim=1), src, dst) if real else None
+    out, c = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+        elif t.is_complex():
+            out.append(_from_planar(up[:, c:c + 4]))
+            c += 4
+        else:
+            out.append(up[:, c].contiguous())
+            c += 1
+    return out
+
+
+def _composite(engine: _LevelRenderer, B: int, H: int, W: int) -> torch.Tensor:
+    """Composite levels -n..n back to front: level j's light is dimmed by the coverage of every level
+    from j + 2 on (its direct neighbours are the same surface split in two and do not hide it).
+
+    Coarse levels are composited on their own lattices: those behind the full-resolution ones
+    back to front ("over"), those in front of them front to back ("under", keeping the
+    transmittance); each group crosses to full resolution once. -> RGBA as complex planes [B,2,H,W].
+    """
+    levels, n = engine.levels, engine.n
+    image = _Grid(1, 0, 0, H, W)
+    idx = -n
+    # behind: coarse levels, over-composited from the coarsest lattice to the finest
+    acc = pending = grid = None
+    while idx < 0 and levels[-idx].scale > 1:
+        g = engine.grids[levels[-idx].scale]
+        if grid is None:
+            acc = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
+        elif g != grid:
+            acc, pending = _move([acc, pending], grid, g)
+        grid = g
+        level = engine.render_coarse(idx)
+        _over(acc, pending, level)
+        pending = level
+        idx += 1
+    if grid is None:
+        acc = torch.zeros(B, 2, H, W, dtype=torch.complex64, device=engine.device)
+    else:
+        acc, pending = _move([acc, pending], grid, image)
+    pending = None if pending is None else LevelCanvas(pending, 0, 0)
+    # the middle: full-resolution levels
+    while idx <= n and levels[abs(idx)].scale == 1:
+        canvas = engine.render(idx)
+        cl = None if canvas is None else canvas.clip(H, W)
+        pcl = None if pending is None else pending.clip(H, W)
+        if cl is not None:
+            (iy, ix), (cy, cx) = cl
+            keep = _pairs(_transmittance(canvas.planes[:, :, cy, cx]))
+            region = _channels(acc)[:, :, iy, ix]
+            if pcl is not None and pcl[0] == cl[0]:  # dim and add the previous level in one pass
+                py, px = pcl[1]
+                torch.addcmul(_channels(pending.planes)[:, :, py, px], region, keep, out=region)
+                pcl = None
+            else:
+                region.mul_(keep)
+        if pcl is not None:
+            (qy, qx), (py, px) = pcl
+            acc[:, :, qy, qx] += pending.planes[:, :, py, px]
+        pending = canvas
+        idx += 1
+    if idx > n:
+        if pending is not None and pending.clip(H, W) is not None:
+            (qy, qx), (py, px) = pending.clip(H, W)
+            acc[:, :, qy, qx] += pending.planes[:, :, py, px]
+        return acc
+    # in front: coarse levels, under-composited from the nearest (coarsest lattice) back to idx.
+    # light = sum of level j's light times p_{j+2}, p_m = prod over levels k >= m of (1 - coverage_k)
+    light = p1 = p2 = grid = None  # p1 = p_{j+1}, p2 = p_{j+2} for the next level j
+    for j in range(n, idx - 1, -1):
+        g = engine.grids[levels[j].scale]
+        if grid is None:
+            light = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
+            p1 = torch.ones(B, g.h, g.w, device=engine.device)
+            p2 = p1
+        elif g != grid:
+            light, p1, p2 = _move([light, p1, p2], grid, g)
+        grid = g
+        level = engine.render_coarse(j)
+        if level is None:
+            p2 = p1
+            continue
+        _channels(light).addcmul_(_channels(level), _pairs(p2))
+        p1, p2 = p1 * _transmittance(level), p1
+    light, p1, p2 = _move([light, p1, p2], grid, image)
+    # everything at full resolution so far (acc: levels < idx - 1, pending: level idx - 1) lies behind
+    _channels(acc).mul_(_pairs(p1))
+    if pending is not None and pending.clip(H, W) is not None:
+        (qy, qx), (py, px) = pending.clip(H, W)
+        _channels(acc)[:, :, qy, qx].addcmul_(_channels(pending.planes)[:, :, py, px], _pairs(p2[:, qy, qx]))
+    acc += light
+    return acc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -585,10 +716,7 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         raise InputError(f"quality must be one of {', '.join(QUALITY_PRESETS)}, got {quality!r}.")
     levels = build_levels(peak, aperture, *QUALITY_PRESETS[quality])
     lo, w_lo, w_hi = level_weights(radius.abs(), levels)
-    sign = torch.where(radius < 0, -1.0, 1.0)
-    lo_signed = lo.to(torch.float32) * sign  # level indices are small integers: exact in float32
-    hi_signed = lo_signed + sign
-    del lo, sign
+    sign = torch.where(radius < 0, -1, 1)
 
     x = img.permute(0, 3, 1, 2)  # [B,3,H,W]
     lin = srgb_to_linear(x) if colorspace == "srgb" else x
@@ -599,52 +727,13 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         blur_on = (radius.abs() - IN_FOCUS_RADIUS).clamp(0, 1)[:, None]
         lin = lin * (1.0 + float(highlight_boost) * t * blur_on)
 
-    n = len(levels) - 1
-    engine = _LevelRenderer(lin, lo_signed, hi_signed, w_lo, w_hi, levels, aperture, flip_front,
+    engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front,
                             _vignetting_regions(aperture, vignetting, H, W))
-    del lin, lo_signed, hi_signed, w_lo, w_hi  # the engine holds its own padded copy
-    # accumulators: premultiplied colour (3), coverage (1), coverage from levels other than 0 (1)
-    acc = torch.zeros(B, 5, H, W, dtype=torch.float32, device=device)
-    pending = None  # the previous level: added after the current one has covered what lies behind
-
-    def add(item):
-        canvas, y0, x0, is_zero = item
-        cl = _clip(y0, x0, canvas.shape[-2], canvas.shape[-1], H, W)
-        if cl is None:
-            return
-        (iy, ix), (cy, cx) = cl
-        acc[:, :4, iy, ix] += canvas[:, :, cy, cx]
-        if not is_zero:
-            acc[:, 4:5, iy, ix] += canvas[:, 3:4, cy, cx]
-
-    whole = (slice(0, H), slice(0, W))
-    for idx in range(-n, n + 1):
-        res = engine.render(idx)
-        cl = None if res is None else _clip(res[1], res[2], res[0].shape[-2], res[0].shape[-1], H, W)
-        pcl = None if pending is None else _clip(pending[1], pending[2], pending[0].shape[-2],
-                                                 pending[0].shape[-1], H, W)
-        if cl is not None and pcl is not None and cl[0] == whole and pcl[0] == whole:
-            # both cover the whole image: acc = acc * (1 - alpha) + pending in one pass
-            (cy, cx), (py, px) = cl[1], pcl[1]
-            keep = 1.0 - res[0][:, 3:4, cy, cx]
-            prev = pending[0][:, :, py, px]
-            torch.addcmul(prev, acc[:, :4], keep, out=acc[:, :4])
-            if pending[3]:
-                acc[:, 4:5] *= keep
-            else:
-                torch.addcmul(prev[:, 3:4], acc[:, 4:5], keep, out=acc[:, 4:5])
-        else:
-            if cl is not None:
-                (iy, ix), (cy, cx) = cl
-                acc[:, :, iy, ix] *= 1.0 - res[0][:, 3:4, cy, cx]
-            if pending is not None:
-                add(pending)
-        pending = None if res is None else (res[0], res[1], res[2], idx == 0)
-    if pending is not None:
-        add(pending)
-
-    out = acc[:, :3] / acc[:, 3:4].clamp_min(1e-6)
+    del lin, lo, w_lo, w_hi, sign
+    rgba = _planar(_composite(engine, B, H, W))
+    out = rgba[:, :3] / (rgba[:, 3:4] * (1.0 / ALPHA_SCALE)).clamp_min(1e-6)
     out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp(0.0, 1.0)
-    keep = (radius.abs() < IN_FOCUS_RADIUS)[:, None] & (acc[:, 4:5].abs() < 1e-6)
+    # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
+    keep = (radius.abs() < IN_FOCUS_RADIUS)[:, None] & ((out - x).abs().amax(dim=1, keepdim=True) <= EXACT_TOLERANCE)
     out = torch.where(keep, x, out)
     return out.permute(0, 2, 3, 1).contiguous()
