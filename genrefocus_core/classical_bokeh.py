@@ -142,19 +142,19 @@ def level_weights(radius_abs: torch.Tensor, levels: list[Level]) -> tuple[torch.
 
 
 def _fast_size(n: int) -> int:
-    """Smallest integer >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
-    best = 1 << (max(n - 1, 1)).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            m = p35
-            while m < n:
-                m *= 2
-            best = min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
+    """Smallest even integer >= n whose prime factors are at most 13: sizes the FFT libraries (MKL,
+    pocketfft, cuFFT) handle at full speed. The 13-smooth sizes sit closer together than 5-smooth ones
+    (e.g. 520, 528 between 512 and 540), so less padding is transformed."""
+    m = max(int(n), 2)
+    while True:
+        if m % 2 == 0:
+            k = m
+            for q in (2, 3, 5, 7, 11, 13):
+                while k % q == 0:
+                    k //= q
+            if k == 1:
+                return m
+        m += 1
 
 
 # A level's four real channels (premultiplied linear RGB + coverage) travel as two complex planes,
@@ -241,19 +241,22 @@ def _planar(planes: torch.Tensor) -> torch.Tensor:
 
 def _from_planar(x: torch.Tensor) -> torch.Tensor:
     """Real [B,4,h,w] RGBA -> complex planes [B,2,h,w]."""
-    return torch.complex(x[:, 0::2].contiguous(), x[:, 1::2].contiguous())
+    return torch.complex(x[:, 0::2], x[:, 1::2])
 
 
 @dataclass(frozen=True)
 class _Grid:
-    """A lattice of cells `scale` image pixels wide; cell (0, 0) starts at image pixel (y0, x0).
+    """A lattice of h x w cells `scale` image pixels wide; cell (0, 0) starts at image pixel (y0, x0).
     Coarse lattices of all scales share (y0, x0), a multiple of every scale, so interpolating one by 2x
-    lands on the cells of the next."""
+    lands on the cells of the next. Levels are convolved on an fft_h x fft_w circular grid whose
+    cells beyond h, w take the blur leaving the kept part on either side (it is not needed there)."""
     scale: int
     y0: int
     x0: int
     h: int
     w: int
+    fft_h: int = 0
+    fft_w: int = 0
 
 
 @dataclass
@@ -285,7 +288,7 @@ class _LevelRenderer:
     """
 
     def __init__(self, lin, level_lo, w_lo, w_hi, sign, levels, aperture, flip_front, regions=None):
-        B, _, H, W = lin.shape
+        B, H, W, _ = lin.shape
         self.B, self.H, self.W, self.device = B, H, W, lin.device
         self.levels, self.aperture, self.flip_front, self.regions = levels, aperture, flip_front, regions
         n = len(levels) - 1
@@ -304,7 +307,7 @@ class _LevelRenderer:
         counts = torch.bincount(keys.to(torch.int64), minlength=2 * n + 2)
         self.offsets = [0] + torch.cumsum(counts, 0).tolist()
         order = order[: self.offsets[-2]]
-        rgb = lin.permute(0, 2, 3, 1).reshape(N, 3).to(torch.float32)
+        rgb = lin.reshape(N, 3).to(torch.float32)
         table = torch.cat([torch.cat([rgb * w[:, None], w[:, None] * ALPHA_SCALE], dim=1)
                            for w in (w_lo.flatten(), w_hi.flatten())])  # [2N, 4]
         self.values = torch.view_as_complex(table.index_select(0, order).view(-1, 2, 2))
@@ -316,18 +319,19 @@ class _LevelRenderer:
         self.b = row // H if B > 1 else None
         self.y = row - self.b * H if B > 1 else row
         self._kernels = {}
-        # the coarse lattices, sharing one origin and margin
+        # the coarse lattices: the image plus a context of `lead` px on each side, sharing one origin
         coarse = [lv for lv in levels if lv.scale > 1]
         self.grids = {}
         if coarse:
-            top = max(lv.scale for lv in coarse)
-            reach = max(self.kernel(lv, aperture).shape[-1] // 2 * lv.scale for lv in coarse)
-            if regions:
-                reach = int(reach * 1.5) + 2  # clipped (vignetted) shapes are drawn a little larger
-            margin = -(-(reach + 2 * top) // top) * top
+            lead = 2 * max(lv.scale for lv in coarse)
             for s in sorted({lv.scale for lv in coarse}):
-                self.grids[s] = _Grid(s, -margin, -margin, -(-(H + 2 * margin) // s) + 1,
-                                      -(-(W + 2 * margin) // s) + 1)
+                # kernel reach in cells (the same for every shape at a radius; see ramp_kernel)
+                reach = max(self.kernel(lv, aperture).shape[-1] // 2 for lv in coarse if lv.scale == s)
+                h, w = -(-(H + 2 * lead) // s) + 1, -(-(W + 2 * lead) // s) + 1
+                first = lead // s - 1  # first cell the image's light is splatted to
+                fft_h = _fast_size(max(h, h - first) + reach + 1)
+                fft_w = _fast_size(max(w, w - first) + reach + 1)
+                self.grids[s] = _Grid(s, -lead, -lead, h, w, fft_h, fft_w)
 
     def kernel(self, level: Level, aperture: Aperture) -> torch.Tensor:
         key = (level, id(aperture))
@@ -372,32 +376,42 @@ class _LevelRenderer:
         level = self.levels[abs(idx)]
         if idx == 0:  # in focus: drawn as is
             ent = self._entries(0)
-            return None if ent is None else self._draw_fine(ent, 0)
+            if ent is None:
+                return None
+            planes, y0, x0, h, w = self._draw_fine(ent, 0, fft=False)
+            return LevelCanvas(planes, y0, x0)
         canvases = []
         for ent, ap in self._parts(idx):
             p = self.kernel(level, ap).shape[-1] // 2
-            canvas = self._draw_fine(ent, p)
-            h, w = canvas.planes.shape[-2:]
-            spec = torch.fft.fft2(canvas.planes)
-            spec *= self.spectrum(level, ap, self.flip_front and idx > 0, h, w)
-            y, x = ent[1], ent[2]
-            ch, cw = int(y.max()) - int(y.min()) + 1 + 2 * p, int(x.max()) - int(x.min()) + 1 + 2 * p
-            canvases.append(LevelCanvas(torch.fft.ifft2(spec)[..., :ch, :cw], canvas.y0, canvas.x0))
+            planes, y0, x0, h, w = self._draw_fine(ent, p)
+            spec = torch.fft.fft2(planes)
+            spec *= self.spectrum(level, ap, self.flip_front and idx > 0, *planes.shape[-2:])
+            canvases.append(LevelCanvas(torch.fft.ifft2(spec)[..., :h, :w], y0, x0))
         return _sum_canvases(canvases, self.B)
 
-    def _draw_fine(self, ent, margin: int) -> LevelCanvas:
-        """Zero canvas (FFT-friendly size) with the entries drawn in, `margin` px around their box."""
+    def _draw_fine(self, ent, margin: int, fft: bool = True):
+        """The entries drawn into a zero grid for a circular convolution with a kernel reaching `margin`
+        px. Only the blur that lands inside the image is kept, so where the entries' box (plus margin)
+        meets an image border, the light leaving the image may wrap around into the grid's far margin:
+        one margin serves both sides there. -> (planes [B,2,gh,gw], image row and column of grid cell
+        (0, 0), height and width of the useful part)."""
         b, y, x, vals = ent
-        by0, bx0 = int(y.min()), int(x.min())
-        gh = _fast_size(int(y.max()) + 1 - by0 + 2 * margin)
-        gw = _fast_size(int(x.max()) + 1 - bx0 + 2 * margin)
+
+        def axis(c, size):
+            c0, c1 = int(c.min()), int(c.max()) + 1
+            n0, n1 = max(c0 - margin, 0), min(c1 + margin, size)  # the part of the blur we keep
+            need = max(c1 - n0, n1 - c0) + margin  # no wrapped light may reach the kept part
+            return n0, n1 - n0, (_fast_size(need) if fft else need)
+
+        y0, h, gh = axis(y, self.H)
+        x0, w, gw = axis(x, self.W)
         planes = torch.zeros(self.B, 2, gh, gw, dtype=vals.dtype, device=vals.device)
-        pos = (y - (by0 - margin)).long() * gw + (x - (bx0 - margin))
+        pos = (y - y0).long() * gw + (x - x0)
         if b is not None:
             pos += b.long() * (2 * gh * gw)
         plane = torch.tensor([0, gh * gw], device=pos.device)
         planes.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
-        return LevelCanvas(planes, by0 - margin, bx0 - margin)
+        return planes, y0, x0, h, w
 
     def render_coarse(self, idx: int) -> torch.Tensor | None:
         """A coarse level on its scale's shared lattice: complex planes [B,2,grid.h,grid.w], or None."""
@@ -406,7 +420,7 @@ class _LevelRenderer:
         parts = self._parts(idx)
         if not parts:
             return None
-        lh, lw = _fast_size(grid.h), _fast_size(grid.w)
+        lh, lw = grid.fft_h, grid.fft_w
         spec = None
         for ent, ap in parts:
             planes = torch.zeros(self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
@@ -718,22 +732,20 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     lo, w_lo, w_hi = level_weights(radius.abs(), levels)
     sign = torch.where(radius < 0, -1, 1)
 
-    x = img.permute(0, 3, 1, 2)  # [B,3,H,W]
-    lin = srgb_to_linear(x) if colorspace == "srgb" else x
+    lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
     if highlight_boost > 0:
-        bright = lin.amax(dim=1, keepdim=True)
+        bright = lin.amax(dim=-1, keepdim=True)
         t = ((bright - highlight_threshold) / (1.0 - highlight_threshold)).clamp(0, 1)
         t = t * t * (3 - 2 * t)
-        blur_on = (radius.abs() - IN_FOCUS_RADIUS).clamp(0, 1)[:, None]
+        blur_on = (radius.abs() - IN_FOCUS_RADIUS).clamp(0, 1)[..., None]
         lin = lin * (1.0 + float(highlight_boost) * t * blur_on)
 
     engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front,
                             _vignetting_regions(aperture, vignetting, H, W))
     del lin, lo, w_lo, w_hi, sign
-    rgba = _planar(_composite(engine, B, H, W))
-    out = rgba[:, :3] / (rgba[:, 3:4] * (1.0 / ALPHA_SCALE)).clamp_min(1e-6)
-    out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp(0.0, 1.0)
+    rgba = _channels(_composite(engine, B, H, W)).permute(0, 2, 3, 1, 4).reshape(B, H, W, 4)
+    out = rgba[..., :3] / (rgba[..., 3:] * (1.0 / ALPHA_SCALE)).clamp_min_(1e-6)
+    out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
     # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
-    keep = (radius.abs() < IN_FOCUS_RADIUS)[:, None] & ((out - x).abs().amax(dim=1, keepdim=True) <= EXACT_TOLERANCE)
-    out = torch.where(keep, x, out)
-    return out.permute(0, 2, 3, 1).contiguous()
+    keep = (radius.abs() < IN_FOCUS_RADIUS)[..., None] & ((out - img).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE)
+    return torch.where(keep, img, out)
