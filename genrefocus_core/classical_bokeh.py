@@ -41,12 +41,18 @@ log = logging.getLogger(__name__)
 LEVEL_STEP = 0.125
 # Levels whose radius is >= 2 * COARSE_RADIUS * s render on an s-times coarser grid (edge ramp 2s px).
 COARSE_RADIUS = 8.0
-# Full-resolution levels are 1 px apart below this radius and 2 px apart from it on (edge ramps as wide
-# as the spacing: at most half the radius, so small shapes keep their corners).
-UNIT_STEP_RADIUS = 4.0
-# quality -> (level_step, coarse_radius, unit_step_radius)
-QUALITY_PRESETS = {"fast": (0.25, 4.0, UNIT_STEP_RADIUS), "balanced": (LEVEL_STEP, COARSE_RADIUS, UNIT_STEP_RADIUS),
+# quality -> (level_step, coarse_radius, unit_step_radius; None = by the aperture's shape, see
+# `unit_step_radius`)
+QUALITY_PRESETS = {"fast": (0.25, 4.0, None), "balanced": (LEVEL_STEP, COARSE_RADIUS, None),
                    "best": (0.0625, 16.0, 16.0)}
+
+
+def unit_step_radius(aperture: Aperture) -> float:
+    """Radius below which full-resolution levels are 1 px apart (2 px from it on). A level's edge ramp is
+    as wide as the spacing; a shape keeps its corners while the ramp stays well inside its inradius, so
+    round shapes (circle, hexagon and up) take 2-px steps from 2 px, pointed ones (triangle, square,
+    star) from 4 px."""
+    return 2.0 if aperture.inradius() >= 0.85 else 4.0
 # Radii are capped at this fraction of the image's long edge (a bigger blur is a uniform wash).
 MAX_RADIUS_FRACTION = 0.5
 # Pixels with |r| below this are in focus: copied exactly when the render differs from them by no
@@ -81,11 +87,11 @@ class Level:
 
 
 def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVEL_STEP,
-                 coarse_radius: float = COARSE_RADIUS, unit_step_radius: float = UNIT_STEP_RADIUS) -> list[Level]:
+                 coarse_radius: float = COARSE_RADIUS, unit_step: float | None = None) -> list[Level]:
     """Unsigned level ladder covering [0, max_radius].
 
-    Levels 1, 2, ... up to coarse_radius, then at least 2 px and level_step * r apart. A level is rendered on a grid `scale` times coarser
-    (a power of two) once its radius on that grid stays >= coarse_radius; its edge ramp is then at least
+    Levels 1, 2, ... up to unit_step (None: `unit_step_radius(aperture)`), then at least 2 px and
+    level_step * r apart. A level is rendered on a grid `scale` times coarser (a power of two) once its radius on that grid stays >= coarse_radius; its edge ramp is then at least
     2 coarse pixels (so bilinear interpolation keeps the half-maximum outline exact) and the spacing to
     the next level grows to the ramp width. Ramp widths are >= the spacing to both neighbours.
     """
@@ -93,13 +99,14 @@ def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVE
         raise InputError(f"level_step must be in [0.01, 1], got {level_step}.")
     if not coarse_radius >= 2.0:
         raise InputError(f"coarse_radius must be >= 2, got {coarse_radius}.")
+    unit_step = unit_step_radius(aperture) if unit_step is None else float(unit_step)
     levels = [Level(0.0, 0.0, 1, 1.0)]
     r = 1.0
     while True:
         scale = 1
         while r >= 2 * scale * coarse_radius:
             scale *= 2
-        delta = max(1.0, r * level_step, 2.0 * scale if scale > 1 else (2.0 if r >= unit_step_radius else 1.0))
+        delta = max(1.0, r * level_step, 2.0 * scale if scale > 1 else (2.0 if r >= unit_step else 1.0))
         # plateau_norm = sum of the un-normalised kernel (its centre value is 1) times scale^2
         raw = aperture.ramp_kernel(r / scale, delta / scale, dtype=torch.float64, normalize=False)
         levels.append(Level(r, delta, scale, float(raw.sum()) * scale * scale))
