@@ -171,6 +171,8 @@ def _fast_size(n: int) -> int:
 # shares a transform with (point lights on black would otherwise gain a faint noise floor); the
 # accumulators keep that scale.
 ALPHA_SCALE = 1.0 / 16.0
+# Levels whose kernel has at most this many taps are convolved directly (shifted sums), not by FFT.
+DIRECT_TAPS = 13
 _KERNEL_SPECTRA: dict = {}
 _KERNEL_CACHE_BYTES = 256 * 2 ** 20
 
@@ -388,13 +390,36 @@ class _LevelRenderer:
             planes, y0, x0, h, w = self._draw_fine(ent, 0, fft=False)
             return LevelCanvas(planes, y0, x0)
         canvases = []
+        flip = self.flip_front and idx > 0
         for ent, ap in self._parts(idx):
-            p = self.kernel(level, ap).shape[-1] // 2
+            kernel = self.kernel(level, ap)
+            p = kernel.shape[-1] // 2
+            taps = (kernel > 0).nonzero()
+            if taps.shape[0] <= DIRECT_TAPS:
+                canvases.append(self._convolve_direct(ent, torch.flip(kernel, dims=(0, 1)) if flip else kernel, taps))
+                continue
             planes, y0, x0, h, w = self._draw_fine(ent, p)
             spec = torch.fft.fft2(planes)
-            spec *= self.spectrum(level, ap, self.flip_front and idx > 0, *planes.shape[-2:])
+            spec *= self.spectrum(level, ap, flip, *planes.shape[-2:])
             canvases.append(LevelCanvas(torch.fft.ifft2(spec)[..., :h, :w], y0, x0))
         return _sum_canvases(canvases, self.B)
+
+    def _convolve_direct(self, ent, kernel: torch.Tensor, taps: torch.Tensor) -> LevelCanvas:
+        """Convolution with a kernel of a few taps as shifted sums: cheaper than two FFTs of the frame."""
+        b, y, x, vals = ent
+        p = kernel.shape[-1] // 2
+        y0, x0 = int(y.min()), int(x.min())
+        bh, bw = int(y.max()) + 1 - y0, int(x.max()) + 1 - x0
+        src = torch.zeros(self.B, 2, bh, bw, dtype=vals.dtype, device=vals.device)
+        pos = (y - y0).long() * bw + (x - x0)
+        if b is not None:
+            pos += b.long() * (2 * bh * bw)
+        plane = torch.tensor([0, bh * bw], device=pos.device)
+        src.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
+        out = torch.zeros(self.B, 2, bh + 2 * p, bw + 2 * p, dtype=vals.dtype, device=vals.device)
+        for dy, dx in taps.tolist():
+            out[:, :, dy:dy + bh, dx:dx + bw].add_(src, alpha=float(kernel[dy, dx]))
+        return LevelCanvas(out, y0 - p, x0 - p)
 
     def _draw_fine(self, ent, margin: int, fft: bool = True):
         """The entries drawn into a zero grid for a circular convolution with a kernel reaching `margin`

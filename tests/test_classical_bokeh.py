@@ -262,3 +262,18 @@ def test_cuda_matches_cpu():
     gpu = render_bokeh(img.cuda(), disp.cuda(), 0.5, 40.0, apertures.polygon(6), vignetting=0.5)
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+
+
+def test_few_tap_kernels_convolved_directly_match_the_fft_path(monkeypatch):
+    """Levels with tiny kernels take shifted sums instead of FFTs; both give the same picture."""
+    from genrefocus_core import classical_bokeh
+    g = torch.Generator().manual_seed(7)
+    img = torch.rand(1, 40, 52, 3, generator=g)
+    defocus = torch.rand(1, 40, 52, generator=g) * 3.0 - 1.5  # levels 0 and +-1, +-2 only
+    for ap in (apertures.circle(), apertures.triangle()):
+        direct = render_bokeh(img, defocus_px=defocus, aperture=ap)
+        monkeypatch.setattr(classical_bokeh, "DIRECT_TAPS", 0)
+        via_fft = render_bokeh(img, defocus_px=defocus, aperture=ap)
+        monkeypatch.undo()
+        assert torch.allclose(direct, via_fft, atol=2e-5)
+        assert not torch.equal(direct, img)
