@@ -394,9 +394,8 @@ class _LevelRenderer:
         for ent, ap in self._parts(idx):
             kernel = self.kernel(level, ap)
             p = kernel.shape[-1] // 2
-            taps = (kernel > 0).nonzero()
-            if taps.shape[0] <= DIRECT_TAPS:
-                canvases.append(self._convolve_direct(ent, torch.flip(kernel, dims=(0, 1)) if flip else kernel, taps))
+            if int((kernel > 0).sum()) <= DIRECT_TAPS:
+                canvases.append(self._convolve_direct(ent, torch.flip(kernel, dims=(0, 1)) if flip else kernel))
                 continue
             planes, y0, x0, h, w = self._draw_fine(ent, p)
             spec = torch.fft.fft2(planes)
@@ -404,7 +403,7 @@ class _LevelRenderer:
             canvases.append(LevelCanvas(torch.fft.ifft2(spec)[..., :h, :w], y0, x0))
         return _sum_canvases(canvases, self.B)
 
-    def _convolve_direct(self, ent, kernel: torch.Tensor, taps: torch.Tensor) -> LevelCanvas:
+    def _convolve_direct(self, ent, kernel: torch.Tensor) -> LevelCanvas:
         """Convolution with a kernel of a few taps as shifted sums: cheaper than two FFTs of the frame."""
         b, y, x, vals = ent
         p = kernel.shape[-1] // 2
@@ -417,7 +416,7 @@ class _LevelRenderer:
         plane = torch.tensor([0, bh * bw], device=pos.device)
         src.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
         out = torch.zeros(self.B, 2, bh + 2 * p, bw + 2 * p, dtype=vals.dtype, device=vals.device)
-        for dy, dx in taps.tolist():
+        for dy, dx in (kernel > 0).nonzero().tolist():
             out[:, :, dy:dy + bh, dx:dx + bw].add_(src, alpha=float(kernel[dy, dx]))
         return LevelCanvas(out, y0 - p, x0 - p)
 
