@@ -774,9 +774,16 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front,
                             _vignetting_regions(aperture, vignetting, H, W))
     del lin, lo, w_lo, w_hi, sign
-    rgba = _channels(_composite(engine, B, H, W)).permute(0, 2, 3, 1, 4).reshape(B, H, W, 4)
-    out = rgba[..., :3] / (rgba[..., 3:] * (1.0 / ALPHA_SCALE)).clamp_min_(1e-6)
+    acc = _composite(engine, B, H, W)
+    alpha = acc[:, 1].imag * (1.0 / ALPHA_SCALE)
+    out = torch.stack([acc[:, 0].real, acc[:, 0].imag, acc[:, 1].real], dim=-1)
+    out /= alpha.clamp_min_(1e-6)[..., None]
     out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
     # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
-    keep = (radius.abs() < IN_FOCUS_RADIUS)[..., None] & ((out - img).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE)
-    return torch.where(keep, img, out)
+    focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
+    if focus.numel():
+        flat_out, flat_in = out.view(-1, 3), img.reshape(-1, 3)
+        mine, given = flat_out.index_select(0, focus), flat_in.index_select(0, focus)
+        same = (mine - given).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE
+        flat_out.index_copy_(0, focus, torch.where(same, given, mine))
+    return out
