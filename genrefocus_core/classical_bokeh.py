@@ -309,20 +309,22 @@ class _LevelRenderer:
         lo = (level_lo.flatten().to(small) * sign).add_(n)
         keys = torch.cat([lo, lo + sign])
         weights = torch.cat([w_lo.flatten(), w_hi.flatten()])
-        keys = torch.where(weights > 0, keys, 2 * n + 1)
+        keys.masked_fill_(weights <= 0, 2 * n + 1)
         if 2 * n + 1 < 256:
             keys = keys.to(torch.uint8)  # sorts fastest
         order = torch.argsort(keys, stable=True)
-        counts = torch.bincount(keys.to(torch.int64), minlength=2 * n + 2)
+        counts = torch.bincount(keys, minlength=2 * n + 2)
         self.offsets = [0] + torch.cumsum(counts, 0).tolist()
         order = order[: self.offsets[-2]]
-        rgb = lin.reshape(N, 3).to(torch.float32)
-        table = torch.cat([torch.cat([rgb * w[:, None], w[:, None] * ALPHA_SCALE], dim=1)
-                           for w in (w_lo.flatten(), w_hi.flatten())])  # [2N, 4]
-        self.values = torch.view_as_complex(table.index_select(0, order).view(-1, 2, 2))
         # entry i of the unsorted list is pixel i mod N
-        pix = order.to(torch.int32) if 2 * N < 2 ** 31 else order
-        pix = torch.where(pix >= N, pix - N, pix)
+        pix = order.to(torch.int32) if 2 * N < 2 ** 31 else order.clone()
+        pix.sub_(N * (pix >= N))
+        # complex-plane values (R w + i G w, B w + i A w), A = ALPHA_SCALE
+        weights = weights.index_select(0, order)
+        rgba = torch.empty(len(order), 4, dtype=torch.float32, device=lin.device)
+        torch.mul(lin.reshape(N, 3).index_select(0, pix), weights[:, None], out=rgba[:, :3])
+        torch.mul(weights, ALPHA_SCALE, out=rgba[:, 3])
+        self.values = torch.view_as_complex(rgba.view(-1, 2, 2))
         row = pix // W
         self.x = pix - row * W
         self.b = row // H if B > 1 else None
