@@ -2,22 +2,28 @@
 
 How it works (one pass per depth level, far to near):
 1. The signed circle-of-confusion radius r = K * (disparity - focus) (px; > 0 in front of the focal
-   plane) is cut into levels 0, +-1, +-2, ... whose spacing grows with |r| (about 1/8 of r by default).
-   Each pixel's light is split between the two levels that bracket its radius, with weights chosen so
-   that the half-maximum outline of the mixed point-spread function lies exactly at r (the kernels
-   have linear edge ramps as wide as the level spacing; see `apertures.Aperture.ramp_kernel`). So the
-   CoC radius is right to a small fraction of a pixel with a few dozen levels, not hundreds.
-2. Each level (premultiplied linear colour + coverage alpha) is convolved with the aperture kernel
-   at its radius by FFT. Levels whose spacing is >= 4 px are rendered on a grid coarser by a power of
-   two (bilinear splat down, bilinear interpolation up, both preserving energy and position); this
-   bounds cost and memory for any radius.
+   plane) is cut into levels 0, +-1, +-2, ... 1 px apart at small radii (as far as the aperture's
+   corners need, `unit_step_radius`), then 2 px and about r / 8 apart. Each pixel's light is split
+   between the two levels that bracket its radius, with weights chosen so that the half-maximum
+   outline of the mixed point-spread function lies exactly at r (the kernels have linear edge ramps
+   as wide as the level spacing; see `apertures.Aperture.ramp_kernel`). So the CoC radius is right to
+   a small fraction of a pixel with a few dozen levels, not hundreds.
+2. The (level, pixel, weight) entries are sorted by level once; each level (premultiplied linear
+   colour + coverage, as two complex planes) is drawn from its own entries and convolved with the
+   aperture kernel at its radius: by FFT over the level's box plus the blur margin (one margin serves
+   both sides where the light leaves the image), or by shifted sums for kernels of a few taps. Levels
+   from 2 * COARSE_RADIUS px on (16 px by default) are rendered on a lattice coarser by a power of two
+   (bilinear splat down, bilinear interpolation up, both preserving energy and position); this bounds
+   cost and memory for any radius.
 3. Levels are composited back to front with "over": a level hides what lies at least two levels
    behind it by its blurred coverage. So an in-focus surface receives no light from behind it, and a
    blurred foreground spills over a sharp background with its partial-occlusion alpha. Neighbouring
-   levels (the same surface split in two) do not hide each other.
+   levels (the same surface split in two) do not hide each other. Coarse levels are composited on their
+   lattices (those behind the full-resolution ones "over", those in front "under", front to back with
+   the transmittance), and each group crosses to full resolution once.
 4. The sum is divided by the accumulated coverage (regions next to an occluder are extended with the
    visible surface behind, and image borders keep their brightness), then converted back to the input
-   colour space. Pixels with |r| < 0.5 that receive no light from another level are copied exactly.
+   colour space. Pixels with |r| < 0.5 that receive no light from another level come back exactly.
 
 Same torch code on CPU and CUDA; batched [B, H, W, 3].
 """
