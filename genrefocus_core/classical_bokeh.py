@@ -155,19 +155,19 @@ def level_weights(radius_abs: torch.Tensor, levels: list[Level]) -> tuple[torch.
 
 
 def _fast_size(n: int) -> int:
-    """Smallest even integer >= n whose prime factors are at most 13: sizes the FFT libraries (MKL,
-    pocketfft, cuFFT) handle at full speed. The 13-smooth sizes sit closer together than 5-smooth ones
-    (e.g. 520, 528 between 512 and 540), so less padding is transformed."""
-    m = max(int(n), 2)
+    """FFT length >= n that the FFT libraries (MKL, pocketfft, cuFFT) handle at full speed: prime factors
+    at most 13 and, from 128 on, a multiple of 16 (measured on MKL: 528 = 16*33 transforms faster per
+    pixel than 512 and much faster than 540 or 546; such sizes also sit close together)."""
+    step = 16 if n >= 128 else 2
+    m = max(-(-int(n) // step) * step, 2)
     while True:
-        if m % 2 == 0:
-            k = m
-            for q in (2, 3, 5, 7, 11, 13):
-                while k % q == 0:
-                    k //= q
-            if k == 1:
-                return m
-        m += 1
+        k = m
+        for q in (2, 3, 5, 7, 11, 13):
+            while k % q == 0:
+                k //= q
+        if k == 1:
+            return m
+        m += step
 
 
 # A level's four real channels (premultiplied linear RGB + coverage) travel as two complex planes,
