@@ -180,28 +180,36 @@ ALPHA_SCALE = 1.0 / 16.0
 # Levels whose kernel has at most this many taps are convolved directly (shifted sums), not by FFT.
 DIRECT_TAPS = 13
 _KERNEL_SPECTRA: dict = {}
+_DFT_TABLES: dict = {}
 _KERNEL_CACHE_BYTES = 256 * 2 ** 20
 
 
+def _dft_columns(n: int, p: int, device) -> torch.Tensor:
+    """[n, 2p+1] complex64: exp(-2 pi i u d / n) for frequencies u and offsets d = -p..p (cached)."""
+    key = (n, str(device))
+    table = _DFT_TABLES.get(key)
+    if table is None or (table.shape[1] - 1) // 2 < p:
+        reach = max(p, 16 if table is None else 2 * ((table.shape[1] - 1) // 2))
+        d = torch.arange(-reach, reach + 1, dtype=torch.int64, device=device)
+        turns = torch.outer(torch.arange(n, dtype=torch.int64, device=device), d).remainder_(n).to(torch.float64)
+        table = torch.polar(torch.ones_like(turns), turns.mul_(-2.0 * math.pi / n)).to(torch.complex64)
+        if len(_DFT_TABLES) >= 64:
+            _DFT_TABLES.clear()
+        _DFT_TABLES[key] = table
+    reach = (table.shape[1] - 1) // 2
+    return table[:, reach - p: reach + p + 1]
+
+
 def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
-    """fft2 [lh, lw] (complex) of the kernel centred at (0, 0), cached: levels repeat across calls."""
+    """2-D DFT [lh, lw] (complex) of the kernel centred at (0, 0), cached: levels repeat across calls.
+    The kernel is small, so it is two matrix products with DFT columns (several times cheaper than
+    an FFT of the zero-padded kernel)."""
     key = (kernel.shape[-1], lh, lw, kernel.dtype, str(kernel.device), hash(kernel.cpu().numpy().tobytes()))
     spec = _KERNEL_SPECTRA.get(key)
     if spec is None:
-        k = kernel.shape[-1]
-        p = k // 2
-        kpad = torch.zeros(lh, lw, dtype=kernel.dtype, device=kernel.device)
-        kpad[: k - p, : k - p] = kernel[p:, p:]
-        kpad[: k - p, lw - p:] = kernel[p:, :p]
-        kpad[lh - p:, : k - p] = kernel[:p, p:]
-        kpad[lh - p:, lw - p:] = kernel[:p, :p]
-        half = torch.fft.rfft2(kpad)  # the kernel is real: the other half of the spectrum mirrors this one
-        spec = torch.empty(lh, lw, dtype=half.dtype, device=half.device)
-        spec[:, : half.shape[-1]] = half
-        tail = lw - half.shape[-1]
-        if tail > 0:
-            mirror = torch.roll(torch.flip(half, dims=(0,)), 1, dims=0)  # row (-u) mod lh
-            spec[:, half.shape[-1]:] = torch.flip(mirror[:, 1:1 + tail], dims=(1,)).conj()
+        p = kernel.shape[-1] // 2
+        ey, ex = _dft_columns(lh, p, kernel.device), _dft_columns(lw, p, kernel.device)
+        spec = ey @ kernel.to(torch.complex64) @ ex.T
         used = sum(v.numel() * v.element_size() for v in _KERNEL_SPECTRA.values())
         if used + spec.numel() * spec.element_size() > _KERNEL_CACHE_BYTES:
             _KERNEL_SPECTRA.clear()
