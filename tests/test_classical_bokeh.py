@@ -89,8 +89,9 @@ def test_in_focus_foreground_receives_no_light_from_behind():
     assert float(band) > 0.85
 
 
-def test_blurred_foreground_spills_over_sharp_background():
-    size, r = 128, 12.0
+@pytest.mark.parametrize("r", [12.0, 30.0])  # full resolution, coarse lattice
+def test_blurred_foreground_spills_over_sharp_background(r):
+    size = 160
     img, mask, fg, bg = _two_planes(size)
     disp = torch.where(mask > 0, 0.8, 0.5)[None]
     out = render_bokeh(img, disp, 0.5, r / 0.3, colorspace="linear")
@@ -277,3 +278,54 @@ def test_few_tap_kernels_convolved_directly_match_the_fft_path(monkeypatch):
         monkeypatch.undo()
         assert torch.allclose(direct, via_fft, atol=2e-5)
         assert not torch.equal(direct, img)
+
+
+def test_level_ladder_steps_follow_the_aperture_shape():
+    """1-px steps as far as the shape's corners need them: round apertures from 2 px on, pointed ones
+    (small inradius) from 4 px; then >= 2 px; coarse lattices for the big radii."""
+    radii = lambda ap: [lv.radius for lv in build_levels(40.0, ap) if lv.scale == 1]
+    assert radii(apertures.circle())[:5] == [0.0, 1.0, 2.0, 4.0, 6.0]
+    assert radii(apertures.polygon(6))[:5] == [0.0, 1.0, 2.0, 4.0, 6.0]
+    assert radii(apertures.triangle())[:6] == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
+    assert radii(apertures.star(5, 0.5))[:6] == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
+    levels = build_levels(40.0, apertures.circle())
+    assert all(lv.scale > 1 for lv in levels if lv.radius >= 16)
+    assert all(b.radius - a.radius <= b.ramp + 1e-9 for a, b in zip(levels, levels[1:]))
+
+
+def test_fft_sizes_and_kernel_spectra():
+    from genrefocus_core.classical_bokeh import _fast_size, _kernel_spectrum
+    for n in (1, 7, 100, 127, 130, 513, 530, 1030, 2049):
+        m = _fast_size(n)
+        assert m >= n and m % 2 == 0 and (n < 128 or m % 16 == 0)
+        k = m
+        for q in (2, 3, 5, 7, 11, 13):
+            while k % q == 0:
+                k //= q
+        assert k == 1
+    # the DFT-by-matrix spectrum equals the FFT of the zero-padded, centred kernel (any shape)
+    kernel = apertures.triangle().ramp_kernel(9.3, 2.0)
+    p = kernel.shape[-1] // 2
+    for lh, lw in ((64, 64), (50, 72)):
+        padded = torch.zeros(lh, lw)
+        padded[: kernel.shape[0], : kernel.shape[1]] = kernel
+        expected = torch.fft.fft2(torch.roll(padded, (-p, -p), (0, 1)).to(torch.complex64))
+        assert torch.allclose(_kernel_spectrum(kernel, lh, lw), expected, atol=1e-5)
+
+
+def test_coarse_lattice_compositing_agrees_with_full_resolution_levels():
+    """Behind and in front of full-resolution levels, coarse levels are composited on their own
+    lattices; with every level up to 32 px at full resolution ('best') the picture is the same up to
+    the softer edge ramps."""
+    g = torch.Generator().manual_seed(3)
+    size = 160
+    img = torch.rand(1, size, size, 3, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    defocus = torch.full((size, size), -26.0)  # far background: coarse lattice, behind
+    defocus[(xx - 80) ** 2 + (yy - 80) ** 2 < 45 ** 2] = -6.0  # a disc: full resolution
+    defocus[(xx > 95) & (yy > 40) & (yy < 120)] = 22.0  # a near bar: coarse lattice, in front
+    for ap in (apertures.circle(), apertures.polygon(5)):
+        lattice = render_bokeh(img, defocus_px=defocus[None], aperture=ap, colorspace="linear")
+        full = render_bokeh(img, defocus_px=defocus[None], aperture=ap, colorspace="linear", quality="best")
+        diff = (lattice - full).abs()
+        assert float(diff.mean()) < 0.004 and float(diff.max()) < 0.04
