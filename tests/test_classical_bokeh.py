@@ -89,8 +89,9 @@ def test_in_focus_foreground_receives_no_light_from_behind():
     assert float(band) > 0.85
 
 
-@pytest.mark.parametrize("r", [12.0, 30.0])  # full resolution, coarse lattice
-def test_blurred_foreground_spills_over_sharp_background(r):
+# full resolution; coarse lattice, whose edge ramp (4 px) and resampling widen the rim by a few px
+@pytest.mark.parametrize("r, rim", [(12.0, 3), (30.0, 8)])
+def test_blurred_foreground_spills_over_sharp_background(r, rim):
     size = 160
     img, mask, fg, bg = _two_planes(size)
     disp = torch.where(mask > 0, 0.8, 0.5)[None]
@@ -108,7 +109,7 @@ def test_blurred_foreground_spills_over_sharp_background(r):
     den = (gt[rows, cols] - bg[rows, cols]).abs().mean()
     assert 0.9 <= float(num / den) <= 1.1
     # beyond the blur radius the in-focus background is untouched
-    far = slice(size // 2 + int(r) + 3, size)
+    far = slice(size // 2 + int(r) + rim, size)
     assert float((out[0, rows, far] - img[0, rows, far]).abs().max()) < 1e-4
 
 
