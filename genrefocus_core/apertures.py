@@ -67,12 +67,6 @@ class Aperture:
         dy = torch.as_tensor(dy, dtype=torch.float64)
         return self.gauge(dx, dy) <= radius
 
-    def inradius(self, samples: int = 4096) -> float:
-        """Distance from the centre to the nearest point of the outline at circumradius 1 (1 for a
-        circle, cos(pi / n) for an n-gon, the inner ratio for a star)."""
-        theta = torch.linspace(-math.pi, math.pi, samples + 1, dtype=torch.float64)[:-1]
-        return float(self._radial(theta).min())
-
     def area_unit(self, samples: int = 8192) -> float:
         """Area of the shape at circumradius 1 (pi for a circle)."""
         theta = torch.linspace(-math.pi, math.pi, samples + 1, dtype=torch.float64)[:-1]

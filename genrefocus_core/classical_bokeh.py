@@ -2,8 +2,8 @@
 
 How it works (one pass per depth level, far to near):
 1. The signed circle-of-confusion radius r = K * (disparity - focus) (px; > 0 in front of the focal
-   plane) is cut into levels 0, +-1, +-2, ... 1 px apart at small radii (as far as the aperture's
-   corners need, `unit_step_radius`), then 2 px and about r / 8 apart. Each pixel's light is split
+   plane) is cut into levels 0, +-1, +-2, ... 1 px apart up to 4 px (UNIT_STEP_RADIUS), then 2 px and
+   about r / 8 apart. Each pixel's light is split
    between the two levels that bracket its radius, with weights chosen so that the half-maximum
    outline of the mixed point-spread function lies exactly at r (the kernels have linear edge ramps
    as wide as the level spacing; see `apertures.Aperture.ramp_kernel`). So the CoC radius is right to
@@ -47,18 +47,15 @@ log = logging.getLogger(__name__)
 LEVEL_STEP = 0.125
 # Levels whose radius is >= 2 * COARSE_RADIUS * s render on an s-times coarser grid (edge ramp 2s px).
 COARSE_RADIUS = 8.0
-# quality -> (level_step, coarse_radius, unit_step_radius; None = by the aperture's shape, see
-# `unit_step_radius`)
-QUALITY_PRESETS = {"fast": (0.25, 4.0, None), "balanced": (LEVEL_STEP, COARSE_RADIUS, None),
+# Full-resolution levels are 1 px apart below this radius, 2 px (or more) from it on. A level's edge
+# ramp is as wide as the spacing, so its flat top ends ramp / 2 inside its radius; from 4 px on, the
+# flat top of the lower of two mixed levels still covers half the upper one's radius, so every mixed
+# point-spread function from 2 px on keeps a flat core (its plateau) around the centre, whatever the
+# shape (with 2-px steps from 2 px, a triangle or star at r = 3 loses its plateau and its corners).
+UNIT_STEP_RADIUS = 4.0
+# quality -> (level_step, coarse_radius, unit_step_radius)
+QUALITY_PRESETS = {"fast": (0.25, 4.0, UNIT_STEP_RADIUS), "balanced": (LEVEL_STEP, COARSE_RADIUS, UNIT_STEP_RADIUS),
                    "best": (0.0625, 16.0, 16.0)}
-
-
-def unit_step_radius(aperture: Aperture) -> float:
-    """Radius below which full-resolution levels are 1 px apart (2 px from it on). A level's edge ramp is
-    as wide as the spacing; a shape keeps its corners while the ramp stays well inside its inradius, so
-    round shapes (circle, hexagon and up) take 2-px steps from 2 px, pointed ones (triangle, square,
-    star) from 4 px."""
-    return 2.0 if aperture.inradius() >= 0.85 else 4.0
 # Radii are capped at this fraction of the image's long edge (a bigger blur is a uniform wash).
 MAX_RADIUS_FRACTION = 0.5
 # Pixels with |r| below this are in focus: copied exactly when the render differs from them by no
@@ -93,11 +90,10 @@ class Level:
 
 
 def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVEL_STEP,
-                 coarse_radius: float = COARSE_RADIUS, unit_step: float | None = None) -> list[Level]:
+                 coarse_radius: float = COARSE_RADIUS, unit_step: float = UNIT_STEP_RADIUS) -> list[Level]:
     """Unsigned level ladder covering [0, max_radius].
 
-    Levels 1, 2, ... up to unit_step (None: `unit_step_radius(aperture)`), then at least 2 px and
-    level_step * r apart. A level is rendered on a grid `scale` times coarser (a power of two) once its radius on that grid stays >= coarse_radius; its edge ramp is then at least
+    Levels 1, 2, ... up to unit_step, then at least 2 px and level_step * r apart. A level is rendered on a grid `scale` times coarser (a power of two) once its radius on that grid stays >= coarse_radius; its edge ramp is then at least
     2 coarse pixels (so bilinear interpolation keeps the half-maximum outline exact) and the spacing to
     the next level grows to the ramp width. Ramp widths are >= the spacing to both neighbours.
     """
@@ -105,7 +101,7 @@ def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVE
         raise InputError(f"level_step must be in [0.01, 1], got {level_step}.")
     if not coarse_radius >= 2.0:
         raise InputError(f"coarse_radius must be >= 2, got {coarse_radius}.")
-    unit_step = unit_step_radius(aperture) if unit_step is None else float(unit_step)
+    unit_step = float(unit_step)
     levels = [Level(0.0, 0.0, 1, 1.0)]
     r = 1.0
     while True:

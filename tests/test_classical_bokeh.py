@@ -281,17 +281,15 @@ def test_few_tap_kernels_convolved_directly_match_the_fft_path(monkeypatch):
         assert not torch.equal(direct, img)
 
 
-def test_level_ladder_steps_follow_the_aperture_shape():
-    """1-px steps as far as the shape's corners need them: round apertures from 2 px on, pointed ones
-    (small inradius) from 4 px; then >= 2 px; coarse lattices for the big radii."""
-    radii = lambda ap: [lv.radius for lv in build_levels(40.0, ap) if lv.scale == 1]
-    assert radii(apertures.circle())[:5] == [0.0, 1.0, 2.0, 4.0, 6.0]
-    assert radii(apertures.polygon(6))[:5] == [0.0, 1.0, 2.0, 4.0, 6.0]
-    assert radii(apertures.triangle())[:6] == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
-    assert radii(apertures.star(5, 0.5))[:6] == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0]
-    levels = build_levels(40.0, apertures.circle())
-    assert all(lv.scale > 1 for lv in levels if lv.radius >= 16)
-    assert all(b.radius - a.radius <= b.ramp + 1e-9 for a, b in zip(levels, levels[1:]))
+def test_level_ladder_keeps_a_flat_core_in_every_mixed_psf():
+    """1-px steps up to 4 px, then >= 2 px (ramps as wide as the spacing, so the lower of two mixed
+    levels stays flat out to half the upper one's radius, from 2 px on); coarse lattices for big radii."""
+    for ap in (apertures.circle(), apertures.polygon(8), apertures.triangle()):
+        levels = build_levels(40.0, ap)
+        assert [lv.radius for lv in levels[:7]] == [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
+        assert all(b.radius - a.radius <= b.ramp + 1e-9 for a, b in zip(levels, levels[1:]))
+        assert all(a.radius - a.ramp / 2 >= b.radius / 2 - 1e-9 for a, b in zip(levels[2:], levels[3:]))
+        assert all(lv.scale > 1 for lv in levels if lv.radius >= 16)
 
 
 def test_fft_sizes_and_kernel_spectra():
