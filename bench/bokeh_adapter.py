@@ -44,7 +44,9 @@ _cache = {}
 
 def render(image, disparity, focus_disparity, K, aperture, quality="balanced"):
     """measure.py's interface; `quality` can be set with measure.py --kwargs '{"quality": "fast"}'."""
-    key = id(aperture)
+    # keyed by the shape, not id(): ids of freed objects are reused
+    key = None if aperture is None else (aperture.name, repr(sorted(aperture.params.items())),
+                                         np.asarray(aperture.mask).tobytes())
     if key not in _cache:
         _cache[key] = to_project_aperture(aperture)
     out = render_bokeh(torch.from_numpy(np.ascontiguousarray(image, np.float32))[None],
