@@ -417,17 +417,9 @@ class _LevelRenderer:
 
     def _convolve_direct(self, ent, kernel: torch.Tensor) -> LevelCanvas:
         """Convolution with a kernel of a few taps as shifted sums: cheaper than two FFTs of the frame."""
-        b, y, x, vals = ent
         p = kernel.shape[-1] // 2
-        y0, x0 = int(y.min()), int(x.min())
-        bh, bw = int(y.max()) + 1 - y0, int(x.max()) + 1 - x0
-        src = torch.zeros(self.B, 2, bh, bw, dtype=vals.dtype, device=vals.device)
-        pos = (y - y0).long() * bw + (x - x0)
-        if b is not None:
-            pos += b.long() * (2 * bh * bw)
-        plane = torch.tensor([0, bh * bw], device=pos.device)
-        src.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
-        out = torch.zeros(self.B, 2, bh + 2 * p, bw + 2 * p, dtype=vals.dtype, device=vals.device)
+        src, y0, x0, bh, bw = self._draw_fine(ent, 0, fft=False)  # the entries' box, no margin
+        out = torch.zeros(self.B, 2, bh + 2 * p, bw + 2 * p, dtype=src.dtype, device=src.device)
         for dy, dx in (kernel > 0).nonzero().tolist():
             out[:, :, dy:dy + bh, dx:dx + bw].add_(src, alpha=float(kernel[dy, dx]))
         return LevelCanvas(out, y0 - p, x0 - p)
