@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .apertures import Aperture, circle, vignetted
 from .defocus import check_blur_level, focus_disparity as focus_from, signed_coc
 from .errors import InputError
-from .images import resize_map, to_image_batch, to_map_batch
+from .images import fill_with_median, resize_map, to_image_batch, to_map_batch
 
 log = logging.getLogger(__name__)
 
@@ -639,14 +639,8 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int) -> torch.Tensor:
 def _clean_map(m: torch.Tensor, name: str) -> torch.Tensor:
     bad = ~torch.isfinite(m)
     if bad.any():
-        out = m.clone()
-        for b in range(m.shape[0]):
-            if bad[b].all():
-                raise InputError(f"{name} has no finite values; check the depth input.")
-            if bad[b].any():
-                out[b][bad[b]] = m[b][~bad[b]].median()
+        m = fill_with_median(m, bad, f"{name} has no finite values; check the depth input.")
         log.warning("%s had %d NaN/infinite pixels; filled with the median of the rest.", name, int(bad.sum()))
-        m = out
     return m
 
 

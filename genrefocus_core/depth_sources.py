@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from .errors import InputError
-from .images import resize_map
+from .images import fill_with_median, resize_map
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,7 @@ def _fill_nan(disp: torch.Tensor, name: str) -> torch.Tensor:
     nan = torch.isnan(disp)
     if not nan.any():
         return disp
-    out = disp.clone()
-    for b in range(disp.shape[0]):
-        if nan[b].all():
-            raise InputError(f"{name} is NaN everywhere (image {b}): it holds no depth; check the depth node.")
-        if nan[b].any():
-            out[b][nan[b]] = disp[b][~nan[b]].median()
+    out = fill_with_median(disp, nan, name + " is NaN everywhere (image {b}): it holds no depth; check the depth node.")
     log.warning("%s: %d unknown (NaN) pixels filled with the median disparity.", name, int(nan.sum()))
     return out
 

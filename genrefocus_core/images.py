@@ -126,6 +126,19 @@ def to_map_batch(x, name: str = "map", batch: int | None = None) -> torch.Tensor
     return t.contiguous()
 
 
+def fill_with_median(m: torch.Tensor, bad: torch.Tensor, all_bad_message: str) -> torch.Tensor:
+    """Copy of maps m [B,H,W] with the `bad` pixels of each image set to the median of its other
+    pixels; an image with no good pixel raises InputError(all_bad_message), "{b}" in it replaced by the
+    image's index."""
+    out = m.clone()
+    for b in range(m.shape[0]):
+        if bad[b].all():
+            raise InputError(all_bad_message.replace("{b}", str(b)))
+        if bad[b].any():
+            out[b][bad[b]] = m[b][~bad[b]].median()
+    return out
+
+
 def resize_map(m: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """[B,H,W] -> [B,h,w] (bilinear, aligned corners off, as the reference resizes depth)."""
     if tuple(m.shape[-2:]) == tuple(size):
