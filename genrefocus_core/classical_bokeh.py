@@ -349,10 +349,9 @@ class _LevelRenderer:
                 # kernel reach in cells (the same for every shape at a radius; see ramp_kernel)
                 reach = max(self.kernel(lv, aperture).shape[-1] // 2 for lv in coarse if lv.scale == s)
                 h, w = -(-(H + 2 * lead) // s) + 1, -(-(W + 2 * lead) // s) + 1
-                first = lead // s - 1  # first cell the image's light is splatted to
-                fft_h = _fast_size(max(h, h - first) + reach + 1)
-                fft_w = _fast_size(max(w, w - first) + reach + 1)
-                self.grids[s] = _Grid(s, -lead, -lead, h, w, fft_h, fft_w)
+                # light splatted into cells [0, h) spreads `reach` cells; what leaves on either side
+                # wraps into cells [h, fft_h), which nobody reads
+                self.grids[s] = _Grid(s, -lead, -lead, h, w, _fast_size(h + reach + 1), _fast_size(w + reach + 1))
 
     def kernel(self, level: Level, aperture: Aperture) -> torch.Tensor:
         key = (level, id(aperture))
