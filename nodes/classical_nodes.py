@@ -34,8 +34,9 @@ class GenRefocusClassicalBokeh:
                 "aperture": (APERTURE, tip("Aperture shape from Aperture Shape (default: a circle).")),
                 "max_radius": ("FLOAT", tip("Cap on the blur radius in pixels (0 = half the image's long edge).",
                                             default=0.0, min=0.0, max=4096.0, step=1.0)),
-                "quality": (list(QUALITY_PRESETS), tip("Depth-level spacing: 'best' gives crisper bokeh edges but is "
-                                                       "slower, 'fast' the opposite; the blur radius is equally exact.",
+                "quality": (list(QUALITY_PRESETS), tip("Depth-level spacing: 'best' keeps large bokeh shapes crisp-edged "
+                                                       "(stars, hearts, polygons) at about 1.8x the time, 'fast' is "
+                                                       "softer and quicker; the blur radius is equally exact.",
                                                        default="balanced")),
                 "flip_front": ("BOOLEAN", tip("Turn the aperture shape by 180 degrees in front of the focal plane, "
                                               "as a real lens does.", default=True)),
