@@ -177,7 +177,7 @@ ALPHA_SCALE = 1.0 / 16.0
 DIRECT_TAPS = 13
 _KERNEL_SPECTRA: dict = {}
 _DFT_TABLES: dict = {}
-_KERNEL_CACHE_BYTES = 256 * 2 ** 20
+_KERNEL_CACHE_BYTES = 64 * 2 ** 20  # spectra are cheap to remake (DFT products): keep RAM for the user
 
 
 def _dft_columns(n: int, p: int, device) -> torch.Tensor:
