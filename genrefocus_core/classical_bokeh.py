@@ -214,14 +214,18 @@ def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
 
 
 def resampling_variance(scale: int) -> float:
-    """Per-axis variance (fine px^2) of the blur a coarse level picks up: the bilinear splat onto a grid
-    `scale` times coarser, then bilinear 2x interpolations back to full resolution (a tent of half-width
-    f has variance f^2 / 6)."""
-    var = scale * scale / 6.0
-    f = scale
-    while f > 1:
-        var += f * f / 6.0
-        f //= 2
+    """Per-axis variance (fine px^2, mean over the fine phases) of the blur a coarse level picks up: the
+    bilinear splat onto a lattice `scale` times coarser, then bilinear 2x interpolations back to full
+    resolution. A sample at distance d (in cells) from a cell centre is shared d : 1 - d between two
+    cells: a spread of variance d (1 - d) cells^2."""
+    def cell_variance(factor: int) -> float:  # samples of a lattice `factor` times finer, in cells^2
+        return sum(abs((q + 0.5) / factor - 0.5) * (1.0 - abs((q + 0.5) / factor - 0.5))
+                   for q in range(factor)) / factor
+    var = cell_variance(scale) * scale * scale  # the splat onto cells of `scale` px
+    cell = scale
+    while cell > 1:  # each 2x interpolation, from cells of `cell` px to cells of cell / 2
+        var += cell_variance(2) * cell * cell
+        cell //= 2
     return var
 
 

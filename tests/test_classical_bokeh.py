@@ -328,3 +328,24 @@ def test_coarse_lattice_compositing_agrees_with_full_resolution_levels():
         full = render_bokeh(img, defocus_px=defocus[None], aperture=ap, colorspace="linear", quality="best")
         diff = (lattice - full).abs()
         assert float(diff.mean()) < 0.004 and float(diff.max()) < 0.04
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_resampling_variance_matches_an_impulse_through_splat_and_interpolations(scale):
+    """The radius compensation of coarse levels uses this variance: check it on an impulse, splatted by
+    the adjoint of bilinear interpolation and brought back by 2x bilinear steps (mean over phases)."""
+    from genrefocus_core.classical_bokeh import resampling_variance
+    n, total = 16 * scale, 0.0
+    for phase in range(scale):
+        impulse = torch.zeros(1, 1, 1, n, dtype=torch.float64)
+        impulse[..., 8 * scale + phase] = 1.0
+        cells = torch.zeros(1, 1, 1, 16, dtype=torch.float64, requires_grad=True)
+        up = torch.nn.functional.interpolate(cells, size=(1, n), mode="bilinear", align_corners=False)
+        (up * impulse).sum().backward()
+        y = cells.grad
+        for _ in range(int(math.log2(scale))):
+            y = torch.nn.functional.interpolate(y, scale_factor=(1, 2), mode="bilinear", align_corners=False)
+        w, x = y.flatten(), torch.arange(n, dtype=torch.float64)
+        mean = (w * x).sum() / w.sum()
+        total += float((w * (x - mean) ** 2).sum() / w.sum())
+    assert resampling_variance(scale) == pytest.approx(total / scale, rel=1e-9)
