@@ -175,6 +175,8 @@ def _fast_size(n: int) -> int:
 ALPHA_SCALE = 1.0 / 16.0
 # Levels whose kernel has at most this many taps are convolved directly (shifted sums), not by FFT.
 DIRECT_TAPS = 13
+# Coarse levels of one lattice are transformed together, at most this many bytes of transforms at once.
+COARSE_BATCH_BYTES = 96 * 2 ** 20
 _KERNEL_SPECTRA: dict = {}
 _DFT_TABLES: dict = {}
 _KERNEL_CACHE_BYTES = 64 * 2 ** 20  # spectra are cheap to remake (DFT products): keep RAM for the user
@@ -468,6 +470,39 @@ class _LevelRenderer:
             spec = part if spec is None else spec.add_(part)
         return torch.fft.ifft2(spec)[..., : grid.h, : grid.w]
 
+    def render_coarse_run(self, indices: list[int]) -> list[torch.Tensor | None]:
+        """`render_coarse` of several levels on one lattice, consecutive in idx: their entries are one
+        slice of the sorted list, splatted in one pass and convolved by batched FFTs (in chunks of at
+        most COARSE_BATCH_BYTES of transforms)."""
+        if self.regions:
+            return [self.render_coarse(i) for i in indices]
+        grid = self.grids[self.levels[abs(indices[0])].scale]
+        lh, lw = grid.fft_h, grid.fft_w
+        per_level = 3 * self.B * 2 * lh * lw * 8  # input, spectrum and output of one level's transforms
+        step = max(1, COARSE_BATCH_BYTES // per_level)
+        order = sorted(indices)
+        out = {}
+        for c0 in range(0, len(order), step):
+            chunk = order[c0:c0 + step]
+            a, b = self.offsets[chunk[0] + self.n], self.offsets[chunk[-1] + self.n + 1]
+            if a == b:
+                continue
+            counts = torch.tensor([self.offsets[i + self.n + 1] - self.offsets[i + self.n] for i in chunk])
+            which = torch.repeat_interleave(torch.arange(len(chunk)), counts).to(self.device)
+            ent = (which * self.B if self.b is None else which * self.B + self.b[a:b], self.y[a:b], self.x[a:b],
+                   self.values[a:b])
+            planes = torch.zeros(len(chunk) * self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
+            self._splat(ent, grid, planes)
+            spec = torch.fft.fft2(planes).view(len(chunk), self.B, 2, lh, lw)
+            del planes
+            spec *= torch.stack([self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
+                                 for i in chunk])[:, None, None]
+            res = torch.fft.ifft2(spec)[..., : grid.h, : grid.w]
+            for k, i in enumerate(chunk):
+                if counts[k] > 0:
+                    out[i] = res[k]
+        return [out.get(i) for i in indices]
+
     def _splat(self, ent, grid: _Grid, planes: torch.Tensor) -> None:
         """Bilinear splat of the entries onto the lattice (the adjoint of bilinear interpolation with
         align_corners=False, so splat + interpolation keeps each pixel's energy and centroid)."""
@@ -568,15 +603,16 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int) -> torch.Tensor:
     acc = pending = grid = None
     while idx < 0 and levels[-idx].scale > 1:
         g = engine.grids[levels[-idx].scale]
+        run = [i for i in range(idx, 0) if levels[-i].scale == g.scale]
         if grid is None:
             acc = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
-        elif g != grid:
+        else:
             acc, pending = _move([acc, pending], grid, g)
         grid = g
-        level = engine.render_coarse(idx)
-        _over(acc, pending, level)
-        pending = level
-        idx += 1
+        for level in engine.render_coarse_run(run):
+            _over(acc, pending, level)
+            pending = level
+        idx += len(run)
     if grid is None:
         acc = torch.zeros(B, 2, H, W, dtype=torch.complex64, device=engine.device)
     else:
@@ -610,21 +646,24 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int) -> torch.Tensor:
     # in front: coarse levels, under-composited from the nearest (coarsest lattice) back to idx.
     # light = sum of level j's light times p_{j+2}, p_m = prod over levels k >= m of (1 - coverage_k)
     light = p1 = p2 = grid = None  # p1 = p_{j+1}, p2 = p_{j+2} for the next level j
-    for j in range(n, idx - 1, -1):
+    j = n
+    while j >= idx:
         g = engine.grids[levels[j].scale]
+        run = [i for i in range(j, idx - 1, -1) if levels[i].scale == g.scale]
         if grid is None:
             light = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
             p1 = torch.ones(B, g.h, g.w, device=engine.device)
             p2 = p1
-        elif g != grid:
+        else:
             light, p1, p2 = _move([light, p1, p2], grid, g)
         grid = g
-        level = engine.render_coarse(j)
-        if level is None:
-            p2 = p1
-            continue
-        _channels(light).addcmul_(_channels(level), _pairs(p2))
-        p1, p2 = p1 * _transmittance(level), p1
+        for level in engine.render_coarse_run(run):
+            if level is None:
+                p2 = p1
+                continue
+            _channels(light).addcmul_(_channels(level), _pairs(p2))
+            p1, p2 = p1 * _transmittance(level), p1
+        j -= len(run)
     light, p1, p2 = _move([light, p1, p2], grid, image)
     # everything at full resolution so far (acc: levels < idx - 1, pending: level idx - 1) lies behind
     _channels(acc).mul_(_pairs(p1))
