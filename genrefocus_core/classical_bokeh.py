@@ -43,7 +43,7 @@ from .images import fill_with_median, resize_map, to_image_batch, to_map_batch
 
 log = logging.getLogger(__name__)
 
-# Relative level spacing: delta(r) = max(1, r * LEVEL_STEP). Smaller = crisper edges, more levels.
+# Relative level spacing at large radii: delta(r) >= r * LEVEL_STEP. Smaller = crisper edges, more levels.
 LEVEL_STEP = 0.125
 # Levels whose radius is >= 2 * COARSE_RADIUS * s render on an s-times coarser grid (edge ramp 2s px).
 COARSE_RADIUS = 8.0
