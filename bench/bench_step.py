@@ -2,11 +2,11 @@
 
 Models: the shared tiny FLUX and a mid-size random FLUX (4 double + 8 single blocks, 8 heads x 64,
 joint_attention_dim 256, pooled 64, axes_dims_rope (8, 28, 28), rank-64 LoRA loaded through
-genrefocus_core.lora). Cases: 512 px untiled and 1024 px tiled (9 tiles of 32x32 tokens per step),
+genrefocus_core.generative.lora). Cases: 512 px untiled and 1024 px tiled (9 tiles of 32x32 tokens per step),
 bokeh (2 conditions) and deblur (1 condition).
 
 Variants, timed in the same run on the same inputs (outputs compared):
-- ours: genrefocus_core.sampling.denoise / multi_branch_forward;
+- ours: genrefocus_core.generative.sampling.denoise / multi_branch_forward;
 - emulated: the same forward with what the reference computes: LoRA deltas on every branch (peft runs
   them at scale 0 for text/image) and one dense masked attention over the whole sequence;
 - reference: the official Genfocus `transformer_forward`, imported at run time from the directory in
@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from genrefocus_core import lora  # noqa: E402
-from genrefocus_core import multi_branch_forward as mbf  # noqa: E402
-from genrefocus_core.condition_tokens import position_ids  # noqa: E402
-from genrefocus_core.sampling import (DenoiseInputs, SamplerSettings, denoise, tile_origins,  # noqa: E402
+from genrefocus_core.generative import multi_branch_forward as mbf  # noqa: E402
+from genrefocus_core.generative.condition_tokens import position_ids  # noqa: E402
+from genrefocus_core.generative.sampling import (DenoiseInputs, SamplerSettings, denoise, tile_origins,  # noqa: E402
                                       tile_token_index, tile_weights, flow_match_schedule)
 
 SHARED = Path(os.environ.get("GENREFOCUS_SHARED_DIR", ROOT.parent / "shared"))

@@ -119,9 +119,9 @@ def _random_lora_file(model, rank: int, path: Path):
 @torch.no_grad()
 def measure_transformer_factor(n_conditions: int, dtype=torch.float32) -> tuple[float, float]:
     """Peak transient activation elements of one forward / (tokens x hidden), and seconds taken."""
-    from genrefocus_core import lora as lora_files
-    from genrefocus_core.multi_branch_forward import multi_branch_forward, prepare_constants, rotary_embedding
-    from genrefocus_core.condition_tokens import position_ids
+    from genrefocus_core.generative import lora as lora_files
+    from genrefocus_core.generative.multi_branch_forward import multi_branch_forward, prepare_constants, rotary_embedding
+    from genrefocus_core.generative.condition_tokens import position_ids
 
     model = _mid_flux()
     with tempfile.TemporaryDirectory() as d:
@@ -157,7 +157,7 @@ def measure_vae_bytes_per_pixel(size: int = 256) -> float:
     """Peak transient bytes of VAE encode and decode at `size` px (fp32 run, reported for bf16) / pixels."""
     from diffusers import AutoencoderKL
 
-    from genrefocus_core.flux_loading import FLUX_DEV_VAE_CONFIG
+    from genrefocus_core.generative.flux_loading import FLUX_DEV_VAE_CONFIG
 
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(FLUX_DEV_VAE_CONFIG))).eval()
@@ -180,8 +180,8 @@ def flux_fp8_split():
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    from genrefocus_core.flux_loading import FLUX_DEV_TRANSFORMER_CONFIG
-    from genrefocus_core.memory import default_fp8_filter
+    from genrefocus_core.generative.flux_loading import FLUX_DEV_TRANSFORMER_CONFIG
+    from genrefocus_core.generative.memory import default_fp8_filter
 
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(FluxTransformer2DModel.load_config(str(FLUX_DEV_TRANSFORMER_CONFIG)))

@@ -3,7 +3,7 @@ physically based bokeh renderer. Never imports ComfyUI; usable from scripts, the
 
 Submodules are imported on first use so that `import genrefocus_core` stays light.
 """
-from .errors import GenRefocusError, InputError, Interrupted, MissingModelFileError, ModelFileError
+from .basics.errors import GenRefocusError, InputError, Interrupted, MissingModelFileError, ModelFileError
 
 __version__ = "0.1.0"
 

@@ -9,10 +9,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("genrefocus_core.demo", "render the built-in procedural scene with the classical renderer (no weights)"),
-    "render": ("genrefocus_core.cli_render", "classical refocus of an image file with a depth file"),
-    "deblur": ("genrefocus_core.cli_generative", "DeblurNet: all-in-focus image from a photo (needs FLUX weights)"),
-    "refocus": ("genrefocus_core.cli_generative", "deblur + depth + BokehNet refocus of a photo (needs weights)"),
+    "demo": ("genrefocus_core.cli.demo", "render the built-in procedural scene with the classical renderer (no weights)"),
+    "render": ("genrefocus_core.cli.render", "classical refocus of an image file with a depth file"),
+    "deblur": ("genrefocus_core.cli.generative", "DeblurNet: all-in-focus image from a photo (needs FLUX weights)"),
+    "refocus": ("genrefocus_core.cli.generative", "deblur + depth + BokehNet refocus of a photo (needs weights)"),
 }
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
             print(f"  {name:10s} {doc}")
         return 0 if (not argv or argv[0] in ("-h", "--help")) else 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    from .errors import GenRefocusError
+    from .basics.errors import GenRefocusError
     try:
         return int(module.main(argv) or 0)
     except GenRefocusError as e:

@@ -1,8 +1,8 @@
 """ApertureShape: the bokeh shape for Classical Bokeh and (with an aperture LoRA) BokehNet."""
 from __future__ import annotations
 
-from genrefocus_core import apertures
-from genrefocus_core.errors import InputError
+from genrefocus_core.basics import apertures
+from genrefocus_core.basics.errors import InputError
 
 from .common import APERTURE, CATEGORY, tip
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 
-from genrefocus_core.classical_bokeh import QUALITY_PRESETS, render_bokeh
-from genrefocus_core.errors import InputError
-from genrefocus_core.images import to_image_batch
+from genrefocus_core.classical.renderer import QUALITY_PRESETS, render_bokeh
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.images import to_image_batch
 
 from . import comfy_bridge
 from .common import APERTURE, CATEGORY, DEFOCUS, DefocusData, broadcast_batches, tip

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from genrefocus_core.errors import MissingModelFileError
+from genrefocus_core.basics.errors import MissingModelFileError
 
 log = logging.getLogger("GenRefocus")
 

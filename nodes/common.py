@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from genrefocus_core.errors import InputError
+from genrefocus_core.basics.errors import InputError
 
 CATEGORY = "GenRefocus"
 
@@ -15,8 +15,8 @@ MODEL = "GENREFOCUS_MODEL"            # a loaded GenRefocusPipeline (DeblurNet +
 DEPTH_MODEL = "GENREFOCUS_DEPTH_MODEL"  # a loaded Depth Pro model
 DEPTH = "GENREFOCUS_DEPTH"            # DepthMaps: per-pixel disparity of an image batch
 DEFOCUS = "GENREFOCUS_DEFOCUS"        # DefocusData: signed circle-of-confusion radius map in pixels
-APERTURE = "GENREFOCUS_APERTURE"      # genrefocus_core.apertures.Aperture
-SAMPLER = "GENREFOCUS_SAMPLER"        # genrefocus_core.sampling.SamplerSettings
+APERTURE = "GENREFOCUS_APERTURE"      # genrefocus_core.basics.apertures.Aperture
+SAMPLER = "GENREFOCUS_SAMPLER"        # genrefocus_core.generative.sampling.SamplerSettings
 
 
 @dataclass

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from genrefocus_core import defocus as core_defocus
-from genrefocus_core.defocus import blur_level_from_lens, check_blur_level, signed_coc
-from genrefocus_core.errors import InputError
-from genrefocus_core.images import resize_map, to_image_batch, to_map_batch
+from genrefocus_core.basics import defocus as core_defocus
+from genrefocus_core.basics.defocus import blur_level_from_lens, check_blur_level, signed_coc
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.images import resize_map, to_image_batch, to_map_batch
 
 from . import comfy_bridge
 from .common import CATEGORY, DEFOCUS, DEPTH, DefocusData, DepthMaps, tip

@@ -6,10 +6,10 @@ import os
 
 import torch
 
-from genrefocus_core.depth_sources import (DEFAULT_FAR_M, DEFAULT_NEAR_M, disparity_from_external,
+from genrefocus_core.depth.sources import (DEFAULT_FAR_M, DEFAULT_NEAR_M, disparity_from_external,
                                            load_depth_file)
-from genrefocus_core.errors import InputError
-from genrefocus_core.images import to_image_batch
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.images import to_image_batch
 
 from . import comfy_bridge
 from .common import CATEGORY, DEPTH, DepthMaps, tip

@@ -10,10 +10,10 @@ import torch
 
 import transformers  # noqa: F401  (Depth Pro runs on transformers; without it only these nodes are disabled)
 
-from genrefocus_core.defocus import disparity_from_depth
-from genrefocus_core.depth_pro import estimate_depth, load_depth_pro
-from genrefocus_core.errors import InputError
-from genrefocus_core.images import to_image_batch
+from genrefocus_core.basics.defocus import disparity_from_depth
+from genrefocus_core.depth.depth_pro import estimate_depth, load_depth_pro
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.images import to_image_batch
 
 from . import comfy_bridge
 from .common import CATEGORY, DEPTH, DEPTH_MODEL, DepthMaps, tip

@@ -17,15 +17,15 @@ import diffusers  # noqa: F401  (the generative stages need diffusers and peft; 
 import peft  # noqa: F401       these nodes are disabled)
 import torch
 
-from genrefocus_core.errors import InputError
-from genrefocus_core.images import to_image_batch
-from genrefocus_core.loader import ADAPTER_STAGES, load_genrefocus, resolve_prompt_embeddings
-from genrefocus_core.memory import MEMORY_MODES
-from genrefocus_core.pipeline import BOKEH_SEED, GenRefocusPipeline
-from genrefocus_core.prompt_cache import (STAGE_PROMPTS, T5_MAX_LENGTH, default_cache_dir, read_cached,
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.images import to_image_batch
+from genrefocus_core.generative.loader import ADAPTER_STAGES, load_genrefocus, resolve_prompt_embeddings
+from genrefocus_core.generative.memory import MEMORY_MODES
+from genrefocus_core.generative.pipeline import BOKEH_SEED, GenRefocusPipeline
+from genrefocus_core.generative.prompt_cache import (STAGE_PROMPTS, T5_MAX_LENGTH, default_cache_dir, read_cached,
                                           store_prompt_embedding)
-from genrefocus_core.prompt_embedding import PromptEmbedding
-from genrefocus_core.sampling import SamplerSettings
+from genrefocus_core.generative.prompt_embedding import PromptEmbedding
+from genrefocus_core.generative.sampling import SamplerSettings
 
 from . import comfy_bridge
 from .common import APERTURE, CATEGORY, DEFOCUS, MODEL, SAMPLER, DefocusData, broadcast_batches, tip

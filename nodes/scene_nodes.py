@@ -2,8 +2,8 @@
 point lights) as an IMAGE with its exact depth, so the pack can be tried without any weights."""
 from __future__ import annotations
 
-from genrefocus_core.defocus import disparity_from_depth
-from genrefocus_core.scene import make_scene
+from genrefocus_core.basics.defocus import disparity_from_depth
+from genrefocus_core.basics.scene import make_scene
 
 from .common import CATEGORY, DEPTH, DepthMaps, tip
 from .previews import disparity_preview

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from genrefocus_core import apertures
-from genrefocus_core.errors import InputError
+from genrefocus_core.basics import apertures
+from genrefocus_core.basics.errors import InputError
 
 
 def _rot(x, y, deg):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from genrefocus_core import apertures
-from genrefocus_core.classical_bokeh import (build_levels, level_weights, linear_to_srgb, render_bokeh,
+from genrefocus_core.basics import apertures
+from genrefocus_core.classical.renderer import (build_levels, level_weights, linear_to_srgb, render_bokeh,
                                              srgb_to_linear)
-from genrefocus_core.errors import InputError
+from genrefocus_core.basics.errors import InputError
 
 
 def _dot_scene(size, radius, value=1.0, at=None):
@@ -268,7 +268,7 @@ def test_cuda_matches_cpu():
 
 def test_few_tap_kernels_convolved_directly_match_the_fft_path(monkeypatch):
     """Levels with tiny kernels take shifted sums instead of FFTs; both give the same picture."""
-    from genrefocus_core import classical_bokeh
+    from genrefocus_core.classical import renderer as classical_bokeh
     g = torch.Generator().manual_seed(7)
     img = torch.rand(1, 40, 52, 3, generator=g)
     defocus = torch.rand(1, 40, 52, generator=g) * 3.0 - 1.5  # levels 0 and +-1, +-2 only
@@ -293,7 +293,7 @@ def test_level_ladder_keeps_a_flat_core_in_every_mixed_psf():
 
 
 def test_fft_sizes_and_kernel_spectra():
-    from genrefocus_core.classical_bokeh import _fast_size, _kernel_spectrum
+    from genrefocus_core.classical.renderer import _fast_size, _kernel_spectrum
     for n in (1, 7, 100, 127, 130, 513, 530, 1030, 2049):
         m = _fast_size(n)
         assert m >= n and m % 2 == 0 and (n < 128 or m % 16 == 0)
@@ -334,7 +334,7 @@ def test_coarse_lattice_compositing_agrees_with_full_resolution_levels():
 def test_resampling_variance_matches_an_impulse_through_splat_and_interpolations(scale):
     """The radius compensation of coarse levels uses this variance: check it on an impulse, splatted by
     the adjoint of bilinear interpolation and brought back by 2x bilinear steps (mean over phases)."""
-    from genrefocus_core.classical_bokeh import resampling_variance
+    from genrefocus_core.classical.renderer import resampling_variance
     n, total = 16 * scale, 0.0
     for phase in range(scale):
         impulse = torch.zeros(1, 1, 1, n, dtype=torch.float64)

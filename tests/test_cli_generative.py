@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from genrefocus_core.__main__ import main as cli
-from genrefocus_core.images import load_image
-from genrefocus_core.loader import load_genrefocus
-from genrefocus_core.sampling import SamplerSettings
+from genrefocus_core.basics.images import load_image
+from genrefocus_core.generative.loader import load_genrefocus
+from genrefocus_core.generative.sampling import SamplerSettings
 
 from fixture_paths import ROOT
 
@@ -112,7 +112,9 @@ def test_refocus_cli_with_depth_pro_runs_it_between_the_stages(tiny_dir, files, 
     sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
     from tiny_depth_pro import build_tiny_depth_pro
 
-    from genrefocus_core import depth_pro, loader
+    from genrefocus_core.depth import depth_pro
+
+    from genrefocus_core.generative import loader
 
     folder = build_tiny_depth_pro(tmp_path)
     seen = {}

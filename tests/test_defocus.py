@@ -1,13 +1,13 @@
-"""Focus and blur-level math of genrefocus_core.defocus against hand-computed values."""
+"""Focus and blur-level math of genrefocus_core.basics.defocus against hand-computed values."""
 import logging
 import math
 
 import pytest
 import torch
 
-from genrefocus_core.defocus import (blur_level_from_lens, check_blur_level, defocus_map, disparity_from_depth,
+from genrefocus_core.basics.defocus import (blur_level_from_lens, check_blur_level, defocus_map, disparity_from_depth,
                                      focus_disparity, network_condition, signed_coc)
-from genrefocus_core.errors import InputError
+from genrefocus_core.basics.errors import InputError
 
 
 def test_lens_formula_hand_computed():

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from fixture_paths import DEPTH_PRO_FIXTURES
-from genrefocus_core.depth_pro import (
+from genrefocus_core.depth.depth_pro import (
     SHIPPED_CONFIG, DepthResult, convert_apple_checkpoint, depth_pro_loaded, estimate_depth, fov_to_focal_px,
     load_depth_pro, release_depth_pro, working_size,
 )
-from genrefocus_core.depth_pro_apple import (
+from genrefocus_core.depth.depth_pro_apple import (
     APPLE_TENSOR_COUNT, HF_TENSOR_COUNT, apple_key_to_hf, convert_apple_state_dict, hf_state_dict_to_apple,
 )
-from genrefocus_core.errors import InputError, MissingModelFileError, ModelFileError
+from genrefocus_core.basics.errors import InputError, MissingModelFileError, ModelFileError
 
 
 def tiny_config():

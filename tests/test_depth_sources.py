@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from genrefocus_core.depth_sources import (
+from genrefocus_core.depth.sources import (
     DEFAULT_FAR_M, DEFAULT_NEAR_M, depth_from_external, disparity_from_external, load_depth_file, read_map,
 )
-from genrefocus_core.errors import InputError
+from genrefocus_core.basics.errors import InputError
 
 NEAR_D, FAR_D = 1.0 / DEFAULT_NEAR_M, 1.0 / DEFAULT_FAR_M  # 1.0 and 0.05 1/m
 

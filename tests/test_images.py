@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from genrefocus_core.errors import InputError
-from genrefocus_core.images import (crop, load_image, pad_to_multiple, save_image, to_image_batch, to_map_batch,
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.images import (crop, load_image, pad_to_multiple, save_image, to_image_batch, to_map_batch,
                                     to_uint8)
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from genrefocus_core import flux_loading as fl
-from genrefocus_core import model_files as mf
-from genrefocus_core.errors import MissingModelFileError, ModelFileError
+from genrefocus_core.generative import flux_loading as fl
+from genrefocus_core.generative import model_files as mf
+from genrefocus_core.basics.errors import MissingModelFileError, ModelFileError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -492,6 +492,6 @@ def test_extra_tensors_are_reported(tmp_path, bfl_file, pipe_dir, caplog):
     t["model.diffusion_model.distilled_guidance_layer.in_proj.weight"] = torch.zeros(4, 4)
     path = tmp_path / "variant.safetensors"
     save_file(t, str(path))
-    with caplog.at_level("WARNING", logger="genrefocus_core.flux_loading"):
+    with caplog.at_level("WARNING", logger="genrefocus_core.generative.flux_loading"):
         fl.load_flux_transformer(path, dtype=torch.float32, config_dir=pipe_dir / "transformer")
     assert "distilled_guidance_layer" in caplog.text and "ignored" in caplog.text

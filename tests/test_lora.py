@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from genrefocus_core import lora
-from genrefocus_core.errors import MissingModelFileError, ModelFileError
-from genrefocus_core.multi_branch_forward import multi_branch_forward, prepare_constants, rotary_embedding
-from genrefocus_core.condition_tokens import position_ids
+from genrefocus_core.generative import lora
+from genrefocus_core.basics.errors import MissingModelFileError, ModelFileError
+from genrefocus_core.generative.multi_branch_forward import multi_branch_forward, prepare_constants, rotary_embedding
+from genrefocus_core.generative.condition_tokens import position_ids
 
 
 def build_transformer(tiny_dir):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from genrefocus_core import flux_loading as fl
-from genrefocus_core import lora as lora_files
-from genrefocus_core import memory
-from genrefocus_core.errors import InputError
-from genrefocus_core.loader import load_genrefocus
-from genrefocus_core.sampling import SamplerSettings
+from genrefocus_core.generative import flux_loading as fl
+from genrefocus_core.generative import lora as lora_files
+from genrefocus_core.generative import memory
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.generative.loader import load_genrefocus
+from genrefocus_core.generative.sampling import SamplerSettings
 
 MODE_TOLERANCE = 0.12
 
@@ -205,7 +205,7 @@ def test_sequential_equals_default_bit_for_bit(mode_outputs):
 
 
 def test_text_encoders_freed_before_flux_is_loaded(tiny_dir, pipe_dir, tmp_path, monkeypatch):
-    from genrefocus_core import prompt_cache as pc
+    from genrefocus_core.generative import prompt_cache as pc
 
     events = []
     orig_load, orig_free = pc.PromptEncoder.load, pc.PromptEncoder.free

@@ -109,7 +109,7 @@ def test_missing_dependency_disables_only_its_nodes(monkeypatch, caplog):
 
 # ---------------------------------------------------------------------------------------- bridge
 def test_bridge_without_comfyui(tmp_path, monkeypatch):
-    from genrefocus_core.errors import MissingModelFileError
+    from genrefocus_core.basics.errors import MissingModelFileError
     from nodes import comfy_bridge as cb
     assert not cb.in_comfyui()
     monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(tmp_path))
@@ -221,7 +221,7 @@ def test_depth_from_image_and_batches(pack):
     depth, _ = node.convert(metric, "depth", "auto", "metric", 1.0, 20.0, 4.0, image=image)
     assert depth.metric and depth.disparity.shape == (3, 24, 32)
     assert torch.allclose(depth.disparity, torch.full_like(depth.disparity, 0.5))  # 0.5 * 4 m -> 0.5 1/m
-    from genrefocus_core.errors import InputError
+    from genrefocus_core.basics.errors import InputError
     with pytest.raises(InputError, match="aspect"):
         node.convert(metric, "depth", "auto", "metric", 1.0, 20.0, 1.0, image=torch.rand(1, 32, 32, 3))
 
@@ -234,7 +234,7 @@ def test_load_depth_map_file(pack, tmp_path, monkeypatch):
     assert "d.npy" in cls.INPUT_TYPES()["required"]["depth_file"][0]
     depth, preview = cls().load("d.npy", "depth", "auto", "metric", 1.0, 20.0, 0.001)
     assert depth.disparity.shape == (1, 8, 10) and torch.allclose(depth.disparity, torch.tensor(0.5))
-    from genrefocus_core.errors import InputError
+    from genrefocus_core.basics.errors import InputError
     with pytest.raises(InputError, match="outside"):
         cls().load("../x.npy", "depth", "auto", "metric", 1.0, 20.0, 1.0)
     assert cls.IS_CHANGED("d.npy") == (tmp_path / "d.npy").stat().st_mtime
@@ -253,7 +253,7 @@ def test_depth_pro_nodes_tiny(pack, tmp_path, monkeypatch):
     depth, preview = _node(pack, "GenRefocusDepthEstimate").estimate(model, torch.rand(2, 20, 28, 3))
     assert depth.metric and depth.disparity.shape == (2, 20, 28) and depth.focal_px.shape == (2,)
     assert preview.shape == (2, 20, 28, 3) and 0 <= preview.min() and preview.max() <= 1
-    from genrefocus_core.errors import MissingModelFileError
+    from genrefocus_core.basics.errors import MissingModelFileError
     with pytest.raises(MissingModelFileError, match="depth_pro"):
         loader().load("depth_pro.pt", "auto")
 
@@ -294,8 +294,8 @@ def test_defocus_map_point_mask_value(pack):
 
 
 def test_defocus_map_lens_and_errors(pack):
-    from genrefocus_core.defocus import blur_level_from_lens
-    from genrefocus_core.errors import InputError
+    from genrefocus_core.basics.defocus import blur_level_from_lens
+    from genrefocus_core.basics.errors import InputError
     node = _node(pack, "GenRefocusDefocusMap")
     disp = torch.rand(1, 16, 24) + 0.1
     data = node.build(_depth(pack, disp), **{**DEFAULTS, "blur_mode": "lens", "focus_distance_m": 2.0})["result"][0]
@@ -402,7 +402,7 @@ def test_pyproject_matches_requirements():
 
 # ---------------------------------------------------------------------------------------- scene, aperture, classical
 def test_scene_aperture_classical_nodes(pack):
-    from genrefocus_core.errors import InputError
+    from genrefocus_core.basics.errors import InputError
     image, depth, preview = _node(pack, "GenRefocusScene").make(96, 64, 1)
     assert image.shape == (1, 64, 96, 3) and depth.disparity.shape == (1, 64, 96) and depth.metric
     assert preview.shape == (1, 64, 96, 3)
@@ -464,7 +464,7 @@ LOAD_ARGS = dict(flux_model="tiny-flux/diffusion_pytorch_model.safetensors",
 
 
 def test_generative_nodes_tiny(pack, tiny_models, monkeypatch, tmp_path):
-    from genrefocus_core.errors import InputError, MissingModelFileError
+    from genrefocus_core.basics.errors import InputError, MissingModelFileError
     monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(tiny_models))
     monkeypatch.setenv("GENREFOCUS_CACHE_DIR", str(tmp_path / "empty-cache"))
     gen = sub(pack, "generative_nodes")
@@ -548,7 +548,7 @@ class FakeComfyClip:
 
 
 def test_encode_with_comfy_clip(pack):
-    from genrefocus_core.errors import InputError
+    from genrefocus_core.basics.errors import InputError
     gen = sub(pack, "generative_nodes")
     clip = FakeComfyClip()
     emb = gen.encode_with_comfy_clip(clip, "a sharp photo with everything in focus")
@@ -563,7 +563,7 @@ def test_encode_with_comfy_clip(pack):
 
 def test_loader_with_clip_then_from_the_prompt_cache(pack, tiny_models, tmp_path, monkeypatch):
     """Encode with the connected CLIP once; the next load without CLIP and without a file uses the cache."""
-    from genrefocus_core.errors import InputError
+    from genrefocus_core.basics.errors import InputError
     monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(tiny_models))
     monkeypatch.setenv("GENREFOCUS_CACHE_DIR", str(tmp_path / "cache"))
     gen = sub(pack, "generative_nodes")

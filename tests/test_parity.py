@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from genrefocus_core import defocus, lora
-from genrefocus_core.images import resize_map
-from genrefocus_core.multi_branch_forward import prepare_constants
-from genrefocus_core.pipeline import GenRefocusPipeline
-from genrefocus_core.prompt_embedding import PromptEmbedding
-from genrefocus_core.sampling import DenoiseInputs, SamplerSettings, denoise
+from genrefocus_core.basics import defocus
+
+from genrefocus_core.generative import lora
+from genrefocus_core.basics.images import resize_map
+from genrefocus_core.generative.multi_branch_forward import prepare_constants
+from genrefocus_core.generative.pipeline import GenRefocusPipeline
+from genrefocus_core.generative.prompt_embedding import PromptEmbedding
+from genrefocus_core.generative.sampling import DenoiseInputs, SamplerSettings, denoise
 from tiny_flux import build_tiny
 
 PARITY_DIR = Path(os.environ.get("GENREFOCUS_PARITY_DIR",
@@ -100,7 +102,7 @@ def test_parity(case_name, parity_dir, manifest, tiny_pipeline):
                         callback=lambda step, total, lat: step_latents.append(lat.clone()),
                         prediction_hook=lambda i, pred: predictions.append(pred.clone()))
     assert len(predictions) == len(step_latents) == steps
-    from genrefocus_core.condition_tokens import pack_latents
+    from genrefocus_core.generative.condition_tokens import pack_latents
     for i in range(steps):
         err_pred = (predictions[i] - z["step_noise_pred"][i]).abs().max().item()
         err_lat = (pack_latents(step_latents[i]) - z["step_latents"][i]).abs().max().item()

@@ -3,10 +3,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from genrefocus_core import flux_loading as fl
-from genrefocus_core import prompt_cache as pc
-from genrefocus_core.errors import InputError, MissingModelFileError
-from genrefocus_core.prompt_embedding import PromptEmbedding
+from genrefocus_core.generative import flux_loading as fl
+from genrefocus_core.generative import prompt_cache as pc
+from genrefocus_core.basics.errors import InputError, MissingModelFileError
+from genrefocus_core.generative.prompt_embedding import PromptEmbedding
 
 
 @pytest.fixture(scope="module")

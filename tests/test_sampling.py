@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genrefocus_core import lora, sampling
-from genrefocus_core.errors import InputError, Interrupted
-from genrefocus_core.multi_branch_forward import prepare_constants
-from genrefocus_core.sampling import (DenoiseInputs, SamplerSettings, calculate_shift, denoise, flow_match_schedule,
+from genrefocus_core.generative import lora, sampling
+from genrefocus_core.basics.errors import InputError, Interrupted
+from genrefocus_core.generative.multi_branch_forward import prepare_constants
+from genrefocus_core.generative.sampling import (DenoiseInputs, SamplerSettings, calculate_shift, denoise, flow_match_schedule,
                                       tile_origins, tile_starts, tile_token_index, tile_weights, use_tiling)
 
 
@@ -114,7 +114,7 @@ def _inputs(transformer, rows, cols, n_cond=2, batch=1, seed=0, text_len=16):
     prompt = torch.randn(1, text_len, 32, generator=g).expand(batch, -1, -1)
     pooled = torch.randn(1, 32, generator=g).expand(batch, -1)
     conds = [torch.randn(batch, rows * cols, 64, generator=g) for _ in range(n_cond)]
-    from genrefocus_core.condition_tokens import position_ids
+    from genrefocus_core.generative.condition_tokens import position_ids
     with torch.no_grad():
         constants = prepare_constants(transformer, prompt, pooled, conds, [("bokeh",)] * n_cond, torch.float32)
     ids = [position_ids(rows, cols) for _ in range(n_cond)]

@@ -4,10 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from genrefocus_core import cli_render, demo
-from genrefocus_core.errors import InputError
-from genrefocus_core.images import save_image
-from genrefocus_core.scene import CARD_M, FAR_WALL_M, PILLAR_M, make_scene, scene_landmarks
+from genrefocus_core.cli import render as cli_render, demo
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.images import save_image
+from genrefocus_core.basics.scene import CARD_M, FAR_WALL_M, PILLAR_M, make_scene, scene_landmarks
 
 
 def test_scene_is_deterministic_with_exact_depth():

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from genrefocus_core import lora
-from genrefocus_core.errors import InputError, Interrupted, ModelFileError
-from genrefocus_core.pipeline import GenRefocusPipeline
-from genrefocus_core.prompt_embedding import PromptEmbedding
-from genrefocus_core.sampling import SamplerSettings
+from genrefocus_core.generative import lora
+from genrefocus_core.basics.errors import InputError, Interrupted, ModelFileError
+from genrefocus_core.generative.pipeline import GenRefocusPipeline
+from genrefocus_core.generative.prompt_embedding import PromptEmbedding
+from genrefocus_core.generative.sampling import SamplerSettings
 from tiny_flux import build_tiny
 
 FAST = SamplerSettings(steps=2, seed=7)

@@ -326,8 +326,8 @@ def comfy_server(tmp_path_factory, tiny_dir):
 def server(comfy_server):
     """The server with input/example.png (the name the shipped workflows load): the test scene."""
     sys.path.insert(0, str(ROOT))
-    from genrefocus_core.images import save_image
-    from genrefocus_core.scene import make_scene
+    from genrefocus_core.basics.images import save_image
+    from genrefocus_core.basics.scene import make_scene
     image, _ = make_scene(*INPUT_SIZE, seed=3)
     save_image(image[0], comfy_server.base / "input" / "example.png")
     return comfy_server

@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from . import apertures
-from .classical_bokeh import QUALITY_PRESETS, render_bokeh
-from .defocus import blur_level_from_lens, disparity_from_depth, focus_disparity
-from .depth_sources import load_depth_file
-from .errors import InputError
-from .images import load_image, resize_map, save_image, to_map_batch
+from ..basics import apertures
+from ..classical.renderer import QUALITY_PRESETS, render_bokeh
+from ..basics.defocus import blur_level_from_lens, disparity_from_depth, focus_disparity
+from ..depth.sources import load_depth_file
+from ..basics.errors import InputError
+from ..basics.images import load_image, resize_map, save_image, to_map_batch
 
 
 def build_parser() -> argparse.ArgumentParser:

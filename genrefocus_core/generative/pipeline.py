@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from . import lora as lora_files
 from .condition_tokens import ConditionTokens, encode_condition, pack_latents, token_grid, unpack_latents, vae_decode
-from .defocus import network_condition
-from .errors import InputError, ModelFileError
-from .images import bchw_to_bhwc, bhwc_to_bchw, crop, pad_to_multiple, to_image_batch, to_map_batch
+from ..basics.defocus import network_condition
+from ..basics.errors import InputError, ModelFileError
+from ..basics.images import bchw_to_bhwc, bhwc_to_bchw, crop, pad_to_multiple, to_image_batch, to_map_batch
 from .multi_branch_forward import prepare_constants
 from .sampling import (DenoiseInputs, ProgressCallback, SamplerSettings, check_noise, denoise, initial_noise,
                        resolve_seed, use_tiling)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .condition_tokens import position_ids, unpack_latents
-from .errors import InputError
+from ..basics.errors import InputError
 from .multi_branch_forward import RunConstants, multi_branch_forward, rotary_embedding
 
 # FlowMatchEulerDiscreteScheduler settings of FLUX.1-dev.

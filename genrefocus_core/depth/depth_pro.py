@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .depth_pro_apple import _apple_name_for, check_state_dict, convert_apple_state_dict
-from .errors import InputError, MissingModelFileError, ModelFileError
-from .images import bhwc_to_bchw, to_image_batch
+from ..basics.errors import InputError, MissingModelFileError, ModelFileError
+from ..basics.images import bhwc_to_bchw, to_image_batch
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class DepthResult:
 
     def disparity(self) -> torch.Tensor:
         """Disparity [B, H, W] in 1/m (bigger = nearer), the defocus map's input."""
-        from .defocus import disparity_from_depth
+        from ..basics.defocus import disparity_from_depth
         return disparity_from_depth(self.depth_m)
 
 

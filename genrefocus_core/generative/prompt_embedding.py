@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MissingModelFileError, ModelFileError
+from ..basics.errors import MissingModelFileError, ModelFileError
 
 STAGES = ("deblur", "bokeh")
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from .errors import InputError
+from ..basics.errors import InputError
 
 _EPILOG = """examples:
   python -m genrefocus_core deblur --image blurry.jpg --out sharp.png \\
@@ -110,7 +110,7 @@ def _progress(stage: str):
 
 
 def _settings(args, seed):
-    from .sampling import SamplerSettings
+    from ..generative.sampling import SamplerSettings
 
     tiled = {"auto": "auto", "on": True, "off": False}[args.tiled]
     return SamplerSettings(steps=args.steps, seed=seed, tiled=tiled, tile_size=args.tile_size,
@@ -118,7 +118,7 @@ def _settings(args, seed):
 
 
 def _load(args, command: str):
-    from .loader import load_genrefocus
+    from ..generative.loader import load_genrefocus
 
     return load_genrefocus(flux=args.flux, vae=args.vae, clip_l=args.clip_l, t5=args.t5,
                            diffusers_dir=args.diffusers_dir, deblur_lora=args.deblur_lora,
@@ -132,16 +132,16 @@ def _load(args, command: str):
 
 def _disparity(args, aif, offload):
     """Disparity [1, H, W] (1/m or relative) for the all-in-focus image."""
-    from .defocus import disparity_from_depth
+    from ..basics.defocus import disparity_from_depth
 
     _, H, W, _ = aif.shape
     if args.depth:
-        from .depth_sources import disparity_from_external, load_depth_file
+        from ..depth.sources import disparity_from_external, load_depth_file
 
         raw = load_depth_file(args.depth)
         return disparity_from_external(raw, kind=args.depth_kind, near=args.depth_near, scale=args.depth_scale,
                                        unit=args.depth_unit, size=(H, W), batch=1, name=f"depth file {args.depth}")
-    from .depth_pro import depth_pro_loaded, estimate_depth
+    from ..depth.depth_pro import depth_pro_loaded, estimate_depth
 
     # FLUX is back on the CPU between stages (model/sequential offload), Depth Pro is freed after use.
     with depth_pro_loaded(args.depth_pro, device=offload.device) as model:
@@ -150,7 +150,7 @@ def _disparity(args, aif, offload):
 
 
 def run_deblur(args) -> int:
-    from .images import load_image, save_image
+    from ..basics.images import load_image, save_image
 
     if not (args.deblur_lora or args.pre_deblur_lora):
         raise InputError("deblur needs --deblur-lora (deblurNet.safetensors) or --pre-deblur-lora.")
@@ -167,8 +167,8 @@ def run_deblur(args) -> int:
 def run_refocus(args) -> int:
     import numpy as np
 
-    from .defocus import check_blur_level, defocus_map, focus_disparity
-    from .images import load_image, save_image
+    from ..basics.defocus import check_blur_level, defocus_map, focus_disparity
+    from ..basics.images import load_image, save_image
 
     if bool(args.depth) == bool(args.depth_pro):
         raise InputError("refocus needs exactly one depth source: --depth FILE or --depth-pro WEIGHTS.")
@@ -184,7 +184,7 @@ def run_refocus(args) -> int:
         raise InputError(f"Focus point (x={point[0]}, y={point[1]}) lies outside the {W}x{H} image.")
     aperture = None
     if args.aperture:
-        from .apertures import make_aperture
+        from ..basics.apertures import make_aperture
 
         aperture = make_aperture(args.aperture)
 

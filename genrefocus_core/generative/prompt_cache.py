@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, ModelFileError
+from ..basics.errors import InputError, ModelFileError
 from .prompt_embedding import PromptEmbedding
 
 STAGE_PROMPTS = {

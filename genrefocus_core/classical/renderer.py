@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .apertures import Aperture, circle, vignetted
-from .defocus import check_blur_level, focus_disparity as focus_from, signed_coc
-from .errors import InputError
-from .images import fill_with_median, resize_map, to_image_batch, to_map_batch
+from ..basics.apertures import Aperture, circle, vignetted
+from ..basics.defocus import check_blur_level, focus_disparity as focus_from, signed_coc
+from ..basics.errors import InputError
+from ..basics.images import fill_with_median, resize_map, to_image_batch, to_map_batch
 
 log = logging.getLogger(__name__)
 
@@ -782,7 +782,7 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         raise InputError(f"highlight_threshold must be in [0, 1), got {highlight_threshold}.")
     aperture = aperture if aperture is not None else circle()
     if not isinstance(aperture, Aperture):
-        raise InputError(f"aperture must be an Aperture (see genrefocus_core.apertures), got {type(aperture).__name__}.")
+        raise InputError(f"aperture must be an Aperture (see genrefocus_core.basics.apertures), got {type(aperture).__name__}.")
 
     radius = signed_radius_map((H, W), B, disparity, focus_disparity, K, defocus_px, device).to(torch.float32)
     cap = MAX_RADIUS_FRACTION * max(H, W) if max_radius is None else float(max_radius)

@@ -5,7 +5,7 @@ Two sources are accepted for every part:
   ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``), or the component's own sub-folder;
 - the single files ComfyUI users have: ``flux1-dev.safetensors`` (original Black Forest Labs key
   layout, bf16 or fp8 with optional per-tensor scales), ``ae.safetensors``, ``clip_l.safetensors``,
-  ``t5xxl_*.safetensors``. Their architecture configs ship in ``genrefocus_core/configs/``.
+  ``t5xxl_*.safetensors``. Their architecture configs ship in ``genrefocus_core/generative/configs/``.
 
 Nothing is ever fetched: every diffusers/transformers call gets a local path and
 ``local_files_only=True``, inside a context that also switches the hub client to offline mode.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import model_files as mf
-from .errors import ModelFileError
+from ..basics.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MissingModelFileError, ModelFileError
+from ..basics.errors import MissingModelFileError, ModelFileError
 
 # Where each kind of file lives in a ComfyUI install (used in messages and by the node layer).
 COMFYUI_FOLDERS = {

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputError
-from .images import fill_with_median, resize_map
+from ..basics.errors import InputError
+from ..basics.images import fill_with_median, resize_map
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .errors import ModelFileError
+from ..basics.errors import ModelFileError
 
 APPLE_TENSOR_COUNT = 1119  # the released depth_pro.pt
 HF_TENSOR_COUNT = 1407  # transformers' DepthProForDepthEstimation with the FOV model

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from ..basics.errors import InputError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MissingModelFileError, ModelFileError
+from ..basics.errors import MissingModelFileError, ModelFileError
 
 ADAPTER_NAMES = ("deblurring", "bokeh", "pre_deblur", "aperture")
 # The released file for each adapter, for error messages.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import flux_loading as fl
 from . import model_files as mf
-from .errors import InputError
+from ..basics.errors import InputError
 from .memory import Offloader, get_memory_mode
 from .prompt_embedding import PromptEmbedding
 

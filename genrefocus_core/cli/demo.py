@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import apertures
-from .classical_bokeh import render_bokeh
-from .defocus import blur_level_from_lens, disparity_from_depth, focus_disparity
-from .errors import InputError
-from .images import save_image, to_uint8
-from .scene import make_scene, scene_landmarks
+from ..basics import apertures
+from ..classical.renderer import render_bokeh
+from ..basics.defocus import blur_level_from_lens, disparity_from_depth, focus_disparity
+from ..basics.errors import InputError
+from ..basics.images import save_image, to_uint8
+from ..basics.scene import make_scene, scene_landmarks
 
 
 def _parse_size(text: str) -> tuple[int, int]:

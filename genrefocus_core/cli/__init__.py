@@ -1,0 +1,1 @@
+"""Command-line entry points of `python -m genrefocus_core`: demo, render, deblur, refocus."""
