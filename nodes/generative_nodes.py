@@ -19,13 +19,15 @@ import torch
 
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch
-from genrefocus_core.generative.loader import ADAPTER_STAGES, load_genrefocus, resolve_prompt_embeddings
+from genrefocus_core.generative.loader import load_genrefocus, resolve_prompt_embeddings
 from genrefocus_core.generative.memory import MEMORY_MODES
-from genrefocus_core.generative.pipeline import BOKEH_SEED, GenRefocusPipeline
-from genrefocus_core.generative.prompt_cache import (STAGE_PROMPTS, T5_MAX_LENGTH, default_cache_dir, read_cached,
+from genrefocus_core.generative.pipeline import GenRefocusPipeline
+from genrefocus_core.generative.prompt_cache import (T5_MAX_LENGTH, default_cache_dir, read_cached,
                                           store_prompt_embedding)
 from genrefocus_core.generative.prompt_embedding import PromptEmbedding
 from genrefocus_core.generative.sampling import SamplerSettings
+from genrefocus_core.generative.stages import (ADAPTERS, APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR,
+                                               DEBLUR_ADAPTER, DEBLUR_VARIANTS, STAGES, deblur_adapter, stages_of)
 
 from . import comfy_bridge
 from .common import APERTURE, CATEGORY, DEFOCUS, MODEL, SAMPLER, DefocusData, broadcast_batches, tip
@@ -34,17 +36,9 @@ log = logging.getLogger("GenRefocus")
 
 NONE = "none"
 MEMORY_CHOICES = ["auto"] + list(MEMORY_MODES)
-DEBLUR_SEED = 42  # the reference's deblur script seeds everything with 42
 # Encodings made with ComfyUI's FLUX text encoder go into the core's prompt cache under this identity, so
 # later runs can leave the (10 GB) text encoder out entirely.
 COMFY_CLIP_IDENTITY = "comfyui:flux-text-encoder(clip_l+t5xxl)"
-# adapter -> (node input, typical file)
-LORA_INPUTS = {
-    "deblurring": ("deblur_lora", "deblurNet.safetensors"),
-    "bokeh": ("bokeh_lora", "bokehNet.safetensors"),
-    "pre_deblur": ("pre_deblur_lora", "deblurNet_with_pre_deblur.safetensors"),
-    "aperture": ("aperture_lora", "an aperture-shape LoRA"),
-}
 
 
 def _with_none(names: list[str]) -> list[str]:
@@ -101,7 +95,7 @@ def stage_embeddings(stages, clip=None, prompt_file: str = NONE) -> dict:
     if clip is not None:
         out = {}
         for s in stages:
-            out[s] = encode_with_comfy_clip(clip, STAGE_PROMPTS[s])
+            out[s] = encode_with_comfy_clip(clip, STAGES[s].prompt)
             try:
                 store_prompt_embedding(COMFY_CLIP_IDENTITY, s, out[s])
             except OSError as e:  # a read-only home: no cache, still fine for this run
@@ -109,7 +103,7 @@ def stage_embeddings(stages, clip=None, prompt_file: str = NONE) -> dict:
         return out
     if prompt_file and prompt_file != NONE:
         return resolve_prompt_embeddings(stages, comfy_bridge.model_path("genrefocus", prompt_file))
-    cached = {s: read_cached(default_cache_dir(), COMFY_CLIP_IDENTITY, STAGE_PROMPTS[s]) for s in stages}
+    cached = {s: read_cached(default_cache_dir(), COMFY_CLIP_IDENTITY, STAGES[s].prompt) for s in stages}
     if all(v is not None for v in cached.values()):
         log.info("GenRefocus: stage prompts from the cache in %s", default_cache_dir())
         return cached
@@ -159,9 +153,9 @@ class GenRefocusLoadModel:
                 "vae_name": (vae, tip("FLUX autoencoder (ae.safetensors) in models/vae.",
                                       default=_pick_default(vae, "ae.safetensors"))),
                 "deblur_lora": (ours, tip("DeblurNet LoRA (deblurNet.safetensors) in models/genrefocus; 'none' "
-                                          "disables DeblurNet.", default=_pick_default(ours, "deblurNet.safetensors"))),
+                                          "disables DeblurNet.", default=_pick_default(ours, DEBLUR_ADAPTER.file))),
                 "bokeh_lora": (ours, tip("BokehNet LoRA (bokehNet.safetensors) in models/genrefocus; 'none' "
-                                         "disables BokehNet.", default=_pick_default(ours, "bokehNet.safetensors"))),
+                                         "disables BokehNet.", default=_pick_default(ours, BOKEH_ADAPTER.file))),
                 "pre_deblur_lora": (ours, tip("Optional DeblurNet variant that also takes a pre-deblurred image "
                                               "(deblurNet_with_pre_deblur.safetensors).", default=NONE)),
                 "aperture_lora": (ours, tip("Optional aperture-shape LoRA for BokehNet's APERTURE input (works on "
@@ -194,14 +188,14 @@ class GenRefocusLoadModel:
         mode = resolve_memory_mode(memory_mode)
         flux_path = comfy_bridge.model_path("diffusion_models", flux_model)
         vae_path = comfy_bridge.model_path("vae", vae_name)
-        chosen = {"deblurring": deblur_lora, "bokeh": bokeh_lora, "pre_deblur": pre_deblur_lora,
-                  "aperture": aperture_lora}
-        loras = {a: comfy_bridge.model_path("genrefocus", f) for a, f in chosen.items() if f and f != NONE}
+        chosen = {"deblur_lora": deblur_lora, "bokeh_lora": bokeh_lora, "pre_deblur_lora": pre_deblur_lora,
+                  "aperture_lora": aperture_lora}
+        loras = {a.name: comfy_bridge.model_path("genrefocus", chosen[a.option]) for a in ADAPTERS.values()
+                 if chosen[a.option] and chosen[a.option] != NONE}
         if not loras:
             raise InputError("Load GenRefocus: choose at least one LoRA (deblur_lora and/or bokeh_lora); put "
-                             f"deblurNet.safetensors / bokehNet.safetensors in {comfy_bridge.folder_hint('genrefocus')}.")
-        stages = sorted({ADAPTER_STAGES[a] for a in loras})
-        embeddings = stage_embeddings(stages, clip, prompt_embeddings)
+                             f"{DEBLUR_ADAPTER.file} / {BOKEH_ADAPTER.file} in {comfy_bridge.folder_hint('genrefocus')}.")
+        embeddings = stage_embeddings(stages_of(loras), clip, prompt_embeddings)
         device = comfy_bridge.torch_device()
         key = (_stamp(flux_path), _stamp(vae_path), mode, str(device))
         lora_stamps = {a: _stamp(p) for a, p in loras.items()}
@@ -214,7 +208,7 @@ class GenRefocusLoadModel:
             pipe = load_genrefocus(flux=flux_path, vae=vae_path, memory_mode=mode, device=device,
                                    prompt_embeddings=embeddings, transformer_config=config_beside(flux_path),
                                    vae_config=config_beside(vae_path),
-                                   **{f"{LORA_INPUTS[a][0]}": p for a, p in loras.items()})
+                                   **{ADAPTERS[a].option: p for a, p in loras.items()})
             model = GenRefocusModel(pipe, mode, {"flux": flux_path, "vae": vae_path})
             _cache.update(key=key, model=weakref.ref(model))
         model.pipeline.prompt_embeddings = embeddings
@@ -242,7 +236,7 @@ class GenRefocusTiledSampler:
             "required": {
                 "steps": ("INT", tip("Denoising steps (the paper uses 28).", default=28, min=1, max=200, step=1)),
                 "seed": ("INT", tip("Seed of the initial noise; keep it fixed ('control after generate' = fixed) to "
-                                    "compare blur settings on the same render.", default=BOKEH_SEED, min=0, max=0xFFFFFFFFFFFFFFFF,
+                                    "compare blur settings on the same render.", default=BOKEH.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
                                     control_after_generate=True)),
                 "tiling": (["auto", "on", "off"], tip("auto: tiles when the short side is >= 512 px (the reference's "
                                                       "rule); needed above ~1000 px to avoid artefacts.",
@@ -291,8 +285,8 @@ def _model(model) -> GenRefocusPipeline:
 def _require_adapter(pipe: GenRefocusPipeline, adapter: str, node: str) -> None:
     """The LoRA a node needs must have been chosen in Load GenRefocus; say which input and file."""
     if adapter not in pipe.adapters:
-        field, typical = LORA_INPUTS[adapter]
-        raise InputError(f"{node} needs the '{adapter}' LoRA: choose {typical} as '{field}' in Load GenRefocus "
+        raise InputError(f"{node} needs the '{adapter}' LoRA: choose {ADAPTERS[adapter].file} as "
+                         f"'{ADAPTERS[adapter].option}' in Load GenRefocus "
                          f"(files in {comfy_bridge.folder_hint('genrefocus')}).")
 
 
@@ -325,14 +319,14 @@ class GenRefocusDeblurNet:
                 "genrefocus_model": (MODEL, tip("From Load GenRefocus (with deblur_lora or pre_deblur_lora).")),
                 "image": ("IMAGE", tip("Photo(s) to make all-in-focus; any size (padded to multiples of 16 and "
                                        "cropped back).")),
-                "variant": (["auto", "plain", "pre_deblur"], tip("auto: the pre-deblur variant when pre_deblurred is "
+                "variant": (list(DEBLUR_VARIANTS), tip("auto: the pre-deblur variant when pre_deblurred is "
                                                                  "connected (or only that LoRA is loaded), else plain.",
                                                                  default="auto")),
             },
             "optional": {
                 "pre_deblurred": ("IMAGE", tip("Output of a conventional deblurring model for the pre-deblur "
                                                "variant (black if not given).")),
-                "sampler": (SAMPLER, tip("Settings from TiledSampler; default 28 steps, seed 42, tiling auto.")),
+                "sampler": (SAMPLER, tip(f"Settings from TiledSampler; default 28 steps, seed {DEBLUR.seed}, tiling auto.")),
             },
         }
 
@@ -344,12 +338,8 @@ class GenRefocusDeblurNet:
 
     def deblur(self, genrefocus_model, image, variant, pre_deblurred=None, sampler=None):
         pipe = _model(genrefocus_model)
-        have = pipe.adapters
-        if variant == "pre_deblur" or (variant == "auto" and pre_deblurred is not None):
-            _require_adapter(pipe, "pre_deblur", "DeblurNet")
-        elif not (variant == "auto" and "pre_deblur" in have):  # auto runs the pre-deblur variant if only it is loaded
-            _require_adapter(pipe, "deblurring", "DeblurNet")
-        settings = _settings(sampler, DEBLUR_SEED)
+        _require_adapter(pipe, deblur_adapter(variant, pipe.adapters, pre_deblurred is not None), "DeblurNet")
+        settings = _settings(sampler, DEBLUR.seed)
         images = to_image_batch(image, "image")
         return (_run_stage(pipe, settings, lambda cb: pipe.deblur(images, pre_deblurred=pre_deblurred,
                                                                   settings=settings, callback=cb, variant=variant)),)
@@ -370,7 +360,7 @@ class GenRefocusBokehNet:
             "optional": {
                 "aperture": (APERTURE, tip("Aperture shape from Aperture Shape; needs aperture_lora in Load "
                                            "GenRefocus.")),
-                "sampler": (SAMPLER, tip("Settings from TiledSampler; default 28 steps, seed 1234 (fixed noise, as "
+                "sampler": (SAMPLER, tip(f"Settings from TiledSampler; default 28 steps, seed {BOKEH.seed} (fixed noise, as "
                                          "the paper's demo), tiling auto.")),
             },
         }
@@ -383,12 +373,12 @@ class GenRefocusBokehNet:
 
     def refocus(self, genrefocus_model, image, defocus, aperture=None, sampler=None):
         pipe = _model(genrefocus_model)
-        _require_adapter(pipe, "bokeh", "BokehNet")
+        _require_adapter(pipe, BOKEH_ADAPTER.name, "BokehNet")
         if aperture is not None:
-            _require_adapter(pipe, "aperture", "BokehNet with an aperture shape")
+            _require_adapter(pipe, APERTURE_ADAPTER.name, "BokehNet with an aperture shape")
         if not isinstance(defocus, DefocusData):
             raise InputError("BokehNet: 'defocus' must come from the Defocus Map node.")
-        settings = _settings(sampler, BOKEH_SEED)
+        settings = _settings(sampler, BOKEH.seed)
         images, coc = broadcast_batches((to_image_batch(image, "image"), "image"), (defocus.signed_coc, "defocus"))
         return (_run_stage(pipe, settings, lambda cb: pipe.bokeh(images, coc.abs(), aperture=aperture,
                                                                  settings=settings, callback=cb)),)

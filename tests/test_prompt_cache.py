@@ -5,6 +5,7 @@ from safetensors.torch import load_file, save_file
 
 from genrefocus_core.generative import flux_loading as fl
 from genrefocus_core.generative import prompt_cache as pc
+from genrefocus_core.generative import stages
 from genrefocus_core.basics.errors import InputError, MissingModelFileError
 from genrefocus_core.generative.prompt_embedding import PromptEmbedding
 
@@ -29,8 +30,8 @@ def test_tiny_encoders_reproduce_reference_embeddings(pipe_dir, reference, tmp_p
         assert torch.allclose(emb.prompt_embeds, reference[f"{stage}_prompt_embeds"], atol=1e-6)
         assert torch.allclose(emb.pooled, reference[f"{stage}_pooled_prompt_embeds"], atol=1e-6)
         assert torch.equal(emb.text_ids, reference[f"{stage}_text_ids"])
-    assert pc.resolve_prompt("pre_deblur") == pc.STAGE_PROMPTS["deblur"]
-    assert pc.resolve_prompt("aperture") == pc.STAGE_PROMPTS["bokeh"]
+    assert pc.resolve_prompt("pre_deblur") == stages.DEBLUR.prompt
+    assert pc.resolve_prompt("aperture") == stages.BOKEH.prompt
 
 
 def test_single_file_encoders_with_tokenizer_folder(pipe_dir, reference, tmp_path, tiny_dir):
@@ -56,14 +57,14 @@ def test_single_file_encoders_with_tokenizer_folder(pipe_dir, reference, tmp_pat
     save_file(sd, str(other))
     enc2 = pc.PromptEncoder(clip_l=clip_file, t5=other, tokenizer_dir=pipe_dir)
     assert enc2.identity != enc.identity
-    assert pc.read_cached(tmp_path / "cache", enc2.identity, pc.STAGE_PROMPTS["bokeh"]) is None
+    assert pc.read_cached(tmp_path / "cache", enc2.identity, stages.BOKEH.prompt) is None
 
 
 def test_cache_hit_loads_no_encoder_and_is_identical(pipe_dir, tmp_path, monkeypatch):
     enc = pc.PromptEncoder(diffusers_dir=pipe_dir)
     first = pc.get_prompt_embeddings("deblur", enc, cache_dir=tmp_path)
     files = list(tmp_path.glob("*.safetensors"))
-    assert len(files) == 1 and files[0].stem == pc.cache_key(enc.identity, pc.STAGE_PROMPTS["deblur"], 512)
+    assert len(files) == 1 and files[0].stem == pc.cache_key(enc.identity, stages.DEBLUR.prompt, 512)
 
     def boom(*a, **k):
         raise AssertionError("an encoder was loaded on a cache hit")
@@ -86,7 +87,7 @@ def test_cache_hit_loads_no_encoder_and_is_identical(pipe_dir, tmp_path, monkeyp
 def test_corrupt_cache_entry_is_reencoded(pipe_dir, tmp_path, reference, damage):
     enc = pc.PromptEncoder(diffusers_dir=pipe_dir)
     ident = enc.identity
-    prompt = pc.STAGE_PROMPTS["deblur"]
+    prompt = stages.DEBLUR.prompt
     path = tmp_path / f"{pc.cache_key(ident, prompt, 512)}.safetensors"
     tmp_path.mkdir(exist_ok=True)
     if damage == "garbage":

@@ -219,3 +219,28 @@ def test_offloader_stages_are_used(pipe):
                            dtype=torch.float32)
     p.deblur(_image(16, 16), settings=SamplerSettings(steps=1, seed=1))
     assert used == ["AutoencoderKL", "FluxTransformer2DModel", "AutoencoderKL"]
+
+
+def test_stage_table_is_what_loader_node_and_cli_read():
+    """Every adapter's option is a load_genrefocus keyword and a CLI flag; its stage exists; the rules hold."""
+    import inspect
+
+    from genrefocus_core.cli.generative import build_parser
+    from genrefocus_core.generative import stages
+    from genrefocus_core.generative.loader import load_genrefocus
+
+    params = inspect.signature(load_genrefocus).parameters
+    flags = {a.dest for a in build_parser("refocus")._actions}
+    for a in stages.ADAPTERS.values():
+        assert a.stage in stages.STAGES and a.option in params and a.option in flags
+    assert stages.stages_of(["pre_deblur", "aperture", "bokeh"]) == ["bokeh", "deblur"]
+    stages.check_requirements(["aperture", "bokeh"])
+    with pytest.raises(InputError, match="bokeh_lora"):
+        stages.check_requirements(["aperture", "deblurring"])
+    pick = stages.deblur_adapter
+    assert pick("auto", ["deblurring", "pre_deblur"], False) == "deblurring"
+    assert pick("auto", ["deblurring", "pre_deblur"], True) == "pre_deblur"
+    assert pick("auto", ["pre_deblur"], False) == "pre_deblur"
+    assert pick("plain", [], False) == "deblurring" and pick("pre_deblur", [], False) == "pre_deblur"
+    with pytest.raises(InputError, match="variant"):
+        pick("fast", [], False)

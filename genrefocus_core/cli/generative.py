@@ -15,6 +15,7 @@ import sys
 import time
 
 from ..basics.errors import InputError
+from ..generative.stages import ADAPTERS, APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR, DEBLUR_ADAPTER
 
 _EPILOG = """examples:
   python -m genrefocus_core deblur --image blurry.jpg --out sharp.png \\
@@ -33,6 +34,10 @@ def _pair(text: str, what: str, cast=float):
     except ValueError:
         raise InputError(f"{what} must be two comma-separated numbers 'x,y', got {text!r}.") from None
     return a, b
+
+
+def _flag(adapter) -> str:
+    return "--" + adapter.option.replace("_", "-")
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -60,13 +65,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     m.add_argument("--vae-config", help="config folder for a non-standard VAE file")
     m.add_argument("--clip-config", help="config folder for a non-standard CLIP text encoder file")
     m.add_argument("--t5-config", help="config folder for a non-standard T5 encoder file")
-    m.add_argument("--deblur-lora", help="deblurNet.safetensors")
-    m.add_argument("--pre-deblur-lora", help="deblurNet_with_pre_deblur.safetensors")
+    for a in ADAPTERS.values():
+        if command == "refocus" or a.stage == DEBLUR.name:
+            m.add_argument(_flag(a), required=command == "refocus" and a is BOKEH_ADAPTER,
+                           help=a.file + (" (with --aperture)" if a is APERTURE_ADAPTER else ""))
     if command == "deblur":
         m.add_argument("--pre-deblurred", help="image from a conventional deblurring model (pre-deblur variant)")
-    else:
-        m.add_argument("--bokeh-lora", required=True, help="bokehNet.safetensors")
-        m.add_argument("--aperture-lora", help="aperture-shape LoRA (with --aperture)")
     s = p.add_argument_group("sampling and memory")
     s.add_argument("--steps", type=int, default=28, help="denoising steps per stage (default 28)")
     s.add_argument("--seed", type=int, default=None, help="seed of the deblur noise (default: random, printed)")
@@ -80,7 +84,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     if command == "refocus":
         r = p.add_argument_group("refocus")
-        r.add_argument("--bokeh-seed", type=int, default=1234,
+        r.add_argument("--bokeh-seed", type=int, default=BOKEH.seed,
                        help="seed of the bokeh noise (fixed so that another K/focus changes only the blur)")
         r.add_argument("--depth", help="depth/disparity file (.npy, .npz, .pfm, .exr, 16-bit PNG, TIFF)")
         r.add_argument("--depth-kind", choices=("depth", "disparity"), default="depth")
@@ -121,10 +125,8 @@ def _load(args, command: str):
     from ..generative.loader import load_genrefocus
 
     return load_genrefocus(flux=args.flux, vae=args.vae, clip_l=args.clip_l, t5=args.t5,
-                           diffusers_dir=args.diffusers_dir, deblur_lora=args.deblur_lora,
-                           pre_deblur_lora=args.pre_deblur_lora,
-                           bokeh_lora=getattr(args, "bokeh_lora", None),
-                           aperture_lora=getattr(args, "aperture_lora", None), memory_mode=args.memory_mode,
+                           diffusers_dir=args.diffusers_dir, memory_mode=args.memory_mode,
+                           **{a.option: getattr(args, a.option, None) for a in ADAPTERS.values()},
                            device=args.device, cache_dir=args.cache_dir, prompt_embeddings=args.prompt_embeds,
                            tokenizer_dir=args.tokenizer_dir, transformer_config=args.transformer_config,
                            vae_config=args.vae_config, clip_config=args.clip_config, t5_config=args.t5_config)
@@ -153,7 +155,7 @@ def run_deblur(args) -> int:
     from ..basics.images import load_image, save_image
 
     if not (args.deblur_lora or args.pre_deblur_lora):
-        raise InputError("deblur needs --deblur-lora (deblurNet.safetensors) or --pre-deblur-lora.")
+        raise InputError(f"deblur needs --deblur-lora ({DEBLUR_ADAPTER.file}) or --pre-deblur-lora.")
     image = load_image(args.image)
     pre = load_image(args.pre_deblurred) if args.pre_deblurred else None
     pipe = _load(args, "deblur")

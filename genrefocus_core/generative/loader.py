@@ -3,7 +3,7 @@
 1. Prompt embeddings of the stages that have a LoRA: given, or from the disk cache, or encoded with
    CLIP-L + T5 which are then freed, before FLUX is read at all.
 2. The FLUX transformer in the memory mode's storage (bf16, fp8 or fp32), then the VAE.
-3. The LoRA files as named peft adapters ("deblurring", "bokeh", "pre_deblur", "aperture").
+3. The LoRA files as named peft adapters (`stages.ADAPTERS`).
 4. The memory plan (memory.Offloader) places the models; the pipeline moves them per stage.
 """
 from __future__ import annotations
@@ -17,11 +17,9 @@ from . import model_files as mf
 from ..basics.errors import InputError
 from .memory import Offloader, get_memory_mode
 from .prompt_embedding import PromptEmbedding
+from .stages import ADAPTERS, check_requirements, stages_of
 
 log = logging.getLogger(__name__)
-
-# adapter name -> prompt stage
-ADAPTER_STAGES = {"deblurring": "deblur", "pre_deblur": "deblur", "bokeh": "bokeh", "aperture": "bokeh"}
 
 
 def _read_prompt_file(path, stages) -> dict:
@@ -83,11 +81,10 @@ def load_genrefocus(flux=None, vae=None, clip_l=None, t5=None, diffusers_dir=Non
     if vae is None and diffusers_dir is None:
         raise mf.MissingModelFileError(mf.TYPICAL_NAMES["vae"], mf.COMFYUI_FOLDERS["vae"],
                                        "Give the FLUX autoencoder (vae=...) or a diffusers folder.")
-    loras = {"deblurring": deblur_lora, "pre_deblur": pre_deblur_lora, "bokeh": bokeh_lora,
-             "aperture": aperture_lora}
-    loras = {name: path for name, path in loras.items() if path is not None}
-    if "aperture" in loras and "bokeh" not in loras:
-        raise InputError("The aperture-shape LoRA works on top of BokehNet: give bokeh_lora as well.")
+    given = {"deblur_lora": deblur_lora, "pre_deblur_lora": pre_deblur_lora, "bokeh_lora": bokeh_lora,
+             "aperture_lora": aperture_lora}
+    loras = {a.name: given[a.option] for a in ADAPTERS.values() if given[a.option] is not None}
+    check_requirements(loras)
     for name, path in loras.items():
         mf.require_file(path, "lora")
 
@@ -96,7 +93,7 @@ def load_genrefocus(flux=None, vae=None, clip_l=None, t5=None, diffusers_dir=Non
 
     # 1. text first: encoders (if needed at all) are loaded, used and freed before FLUX is read.
     #    (sequential mode targets small GPUs: T5-XXL, 8.8 GiB in bf16, then encodes once on the CPU.)
-    stages = sorted({ADAPTER_STAGES[name] for name in loras})
+    stages = stages_of(loras)
     encoder_device = "cpu" if mode.offload == "sequential" else offload.device
     embeddings = resolve_prompt_embeddings(stages, prompt_embeddings, diffusers_dir=diffusers_dir, clip_l=clip_l,
                                            t5=t5, tokenizer_dir=tokenizer_dir or diffusers_dir, cache_dir=cache_dir,

@@ -1,9 +1,8 @@
 """GenRefocus LoRA files as peft named adapters on diffusers' FluxTransformer2DModel.
 
-The released files (deblurNet.safetensors rank 128, bokehNet.safetensors rank 64,
-deblurNet_with_pre_deblur.safetensors) hold `transformer.<module path>.lora_A.weight` [r, in] and
+The released files (`stages.ADAPTERS`; deblurNet rank 128, bokehNet rank 64) hold `transformer.<module path>.lora_A.weight` [r, in] and
 `.lora_B.weight` [out, r] for 25 kinds of modules (spec: "LoRA sits on"). They are injected through
-peft under an adapter name ("deblurring", "bokeh", "pre_deblur", "aperture"); several adapters can
+peft under an adapter name (`stages.ADAPTERS`); several adapters can
 live side by side, so switching stages needs no reloading.
 
 The adapters are never merged and never run through peft's own forward: `multi_branch_forward`
@@ -22,15 +21,7 @@ from pathlib import Path
 import torch
 
 from ..basics.errors import MissingModelFileError, ModelFileError
-
-ADAPTER_NAMES = ("deblurring", "bokeh", "pre_deblur", "aperture")
-# The released file for each adapter, for error messages.
-ADAPTER_FILES = {
-    "deblurring": "deblurNet.safetensors",
-    "bokeh": "bokehNet.safetensors",
-    "pre_deblur": "deblurNet_with_pre_deblur.safetensors",
-    "aperture": "an aperture-shape LoRA (not released by the authors)",
-}
+from .stages import ADAPTERS
 
 _KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _ALPHA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.alpha$")
@@ -223,6 +214,6 @@ def require_adapters(transformer: torch.nn.Module, names) -> None:
     for name in names:
         if name not in have:
             raise ModelFileError(
-                f"The '{name}' LoRA is not loaded (needs {ADAPTER_FILES.get(name, name)}); "
+                f"The '{name}' LoRA is not loaded (needs {ADAPTERS[name].file if name in ADAPTERS else name}); "
                 f"loaded adapters: {have or 'none'}. Load it with load_lora(transformer, path, '{name}')."
             )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..basics.errors import MissingModelFileError, ModelFileError
+from .stages import ADAPTERS
 
 # Where each kind of file lives in a ComfyUI install (used in messages and by the node layer).
 COMFYUI_FOLDERS = {
@@ -31,7 +32,7 @@ TYPICAL_NAMES = {
     "vae": "ae.safetensors",
     "clip_l": "clip_l.safetensors",
     "t5": "t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors)",
-    "lora": "deblurNet.safetensors / bokehNet.safetensors",
+    "lora": " / ".join(a.file for a in ADAPTERS.values() if a.released),
 }
 
 _SAFETENSORS_DTYPE_BYTES = {

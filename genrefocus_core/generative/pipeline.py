@@ -1,14 +1,14 @@
-"""GenRefocusPipeline: the generative stages over images.
+"""GenRefocusPipeline: the generative stages over images (stages, adapters, prompts, guidance and
+default seeds: `stages`).
 
 - `deblur`: DeblurNet, blurry or sharp image -> all-in-focus image. One condition (the input at
-  position delta (0, 0)), adapter "deblurring", guidance 3.5. With a pre-deblurred image (or with
-  only the "pre_deblur" adapter loaded) it runs the pre-deblur variant: conditions [pre-deblurred
-  image at delta (0, 32) (black if none), input at (0, 0)], adapter "pre_deblur".
+  position delta (0, 0)). The pre-deblur variant (adapter pre_deblur) has two conditions:
+  [pre-deblurred image at delta (0, 32) (black if none), input at (0, 0)].
 - `bokeh`: BokehNet, all-in-focus image + defocus map (px of CoC radius) -> refocused image.
-  Conditions [AIF image, clamp(defocus / 100) raw into the VAE], adapter "bokeh", guidance 1.0,
-  seed 1234 by default so that re-rendering with another K or focus changes only the blur.
+  Conditions [AIF image, clamp(defocus / 100) raw into the VAE]; a fixed default seed, so that
+  re-rendering with another K or focus changes only the blur.
   Optional aperture shape: a third condition, the shape exemplar `aperture.condition_image(h, w)`,
-  with its own adapter "aperture" (see APERTURE_* below: our choice, the weights are unreleased).
+  with its own adapter (see the exemplar layout below: our choice, the weights are unreleased).
 
 Images are float [B, H, W, 3] in [0, 1] of any size: they are padded to multiples of 16 px
 (reflection) and the result is cropped back to exactly the input size.
@@ -27,19 +27,16 @@ from ..basics.defocus import network_condition
 from ..basics.errors import InputError, ModelFileError
 from ..basics.images import bchw_to_bhwc, bhwc_to_bchw, crop, pad_to_multiple, to_image_batch, to_map_batch
 from .multi_branch_forward import prepare_constants
+from .stages import APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR, PRE_DEBLUR_ADAPTER, deblur_adapter
 from .sampling import (DenoiseInputs, ProgressCallback, SamplerSettings, check_noise, denoise, initial_noise,
                        resolve_seed, use_tiling)
 
 log = logging.getLogger(__name__)
 
-DEBLUR_GUIDANCE = 3.5
-BOKEH_GUIDANCE = 1.0
-BOKEH_SEED = 1234
 PRE_DEBLUR_DELTA = (0, 32)
 # Aperture-shape exemplar (our choice, no released weights to match): an image of the shape the size
 # of the sampled area (whole image, or one tile when tiling), placed immediately left of the image
 # grid (column delta = -grid width), so that its tokens never share positions with the image's.
-APERTURE_ADAPTER = "aperture"
 
 
 class GenRefocusPipeline:
@@ -47,7 +44,7 @@ class GenRefocusPipeline:
 
     transformer: FluxTransformer2DModel with the stage adapters loaded (`lora.load_lora` or
         `self.load_lora`); vae: diffusers AutoencoderKL of FLUX; prompt_embeddings: mapping
-        {"deblur": emb, "bokeh": emb} of objects with `.prompt_embeds [1, 512, D]`, `.pooled [1, P]`,
+        {stage name: emb} of objects with `.prompt_embeds [1, 512, D]`, `.pooled [1, P]`,
         `.text_ids [512, 3]` (prompt_embedding.PromptEmbedding).
     device: where the models run (default: the offloader's device, else the transformer's);
     dtype: compute dtype (default: the offloader's, else the transformer's weight dtype);
@@ -76,7 +73,7 @@ class GenRefocusPipeline:
 
     # ------------------------------------------------------------------ adapters
     def load_lora(self, path, adapter_name: str) -> list[str]:
-        """Load a LoRA file as a named adapter ("deblurring", "bokeh", "pre_deblur", "aperture")."""
+        """Load a LoRA file as a named adapter (a name of `stages.ADAPTERS`)."""
         return lora_files.load_lora(self.transformer, path, adapter_name)
 
     def unload_lora(self, adapter_name: str | None = None) -> None:
@@ -156,29 +153,20 @@ class GenRefocusPipeline:
                callback: ProgressCallback | None = None, variant: str = "auto") -> torch.Tensor:
         """All-in-focus image [B, H, W, 3] from `image` (anything `images.to_image_batch` takes).
 
-        variant: "plain" (adapter "deblurring"), "pre_deblur" (adapter "pre_deblur"; `pre_deblurred`
-        or black as the first condition) or "auto": pre_deblur when `pre_deblurred` is given or when
-        only the "pre_deblur" adapter is loaded, else plain. A pre-deblurred image of another size is
+        variant: "plain", "pre_deblur" (`pre_deblurred` or black as the first condition) or "auto"
+        (`stages.deblur_adapter` picks the adapter). A pre-deblurred image of another size is
         resized to the input's (as the reference does); its batch must be 1 or B.
         """
         settings = settings.validated()
         image = to_image_batch(image, "image")
         B, H, W, _ = image.shape
-        if variant not in ("auto", "plain", "pre_deblur"):
-            raise InputError(f"variant must be 'auto', 'plain' or 'pre_deblur', got {variant!r}.")
-        if variant == "auto":
-            have = self.adapters
-            use_pre = pre_deblurred is not None or ("pre_deblur" in have and "deblurring" not in have)
-            variant = "pre_deblur" if use_pre else "plain"
-        if variant == "plain" and pre_deblurred is not None:
-            raise InputError("A pre-deblurred image was given with variant='plain'; use variant='pre_deblur' or 'auto'.")
-        adapter = "pre_deblur" if variant == "pre_deblur" else "deblurring"
+        adapter = deblur_adapter(variant, self.adapters, pre_deblurred is not None)
         lora_files.require_adapters(self.transformer, [adapter])
 
         x, size = self._padded(image)
         rows, cols = token_grid(*x.shape[-2:])
         pre = None
-        if variant == "pre_deblur":
+        if adapter == PRE_DEBLUR_ADAPTER.name:
             if pre_deblurred is None:
                 pre = torch.zeros_like(x)
             else:
@@ -196,17 +184,17 @@ class GenRefocusPipeline:
             if pre is not None:
                 conditions.append(self._encode(pre, (adapter,), PRE_DEBLUR_DELTA, vae_gen))
             conditions.append(self._encode(x, (adapter,), (0, 0), vae_gen))
-        guidance = DEBLUR_GUIDANCE if settings.guidance is None else settings.guidance
-        final = self._sample("deblur", latents, conditions, rows, cols, guidance, settings, callback)
+        guidance = DEBLUR.guidance if settings.guidance is None else settings.guidance
+        final = self._sample(DEBLUR.name, latents, conditions, rows, cols, guidance, settings, callback)
         return self._decode(final, rows, cols, size)
 
-    def bokeh(self, aif_image, defocus_px, aperture=None, settings: SamplerSettings = SamplerSettings(seed=BOKEH_SEED),
+    def bokeh(self, aif_image, defocus_px, aperture=None, settings: SamplerSettings = SamplerSettings(seed=BOKEH.seed),
               callback: ProgressCallback | None = None) -> torch.Tensor:
         """Refocused image [B, H, W, 3] from the all-in-focus image and the defocus map [B, H, W]
         (|K * (disparity - focus disparity)| in px, `defocus.defocus_map`; a single map serves a whole
         batch). Images whose defocus map is all zero (K = 0) are returned unchanged without sampling.
         `aperture`: an apertures.Aperture (anything with `.condition_image(h, w)`) -> needs the
-        "aperture" adapter.
+        aperture adapter.
         """
         settings = settings.validated()
         image = to_image_batch(aif_image, "all-in-focus image")
@@ -224,7 +212,7 @@ class GenRefocusPipeline:
         in_focus = (defocus.flatten(1) == 0).all(dim=1)  # [B]
         if bool(in_focus.all()):
             return image.clone()
-        adapters = ["bokeh"] + ([APERTURE_ADAPTER] if aperture is not None else [])
+        adapters = [BOKEH_ADAPTER.name] + ([APERTURE_ADAPTER.name] if aperture is not None else [])
         lora_files.require_adapters(self.transformer, adapters)
 
         x, size = self._padded(image)
@@ -236,16 +224,16 @@ class GenRefocusPipeline:
         latents, vae_gen = self._rng(settings, B, rows, cols)
         with torch.no_grad(), self._stage(self.vae):
             conditions = [
-                self._encode(x, ("bokeh",), (0, 0), vae_gen),
-                self._encode(condition_map, ("bokeh",), (0, 0), vae_gen, rgb=False),
+                self._encode(x, (BOKEH_ADAPTER.name,), (0, 0), vae_gen),
+                self._encode(condition_map, (BOKEH_ADAPTER.name,), (0, 0), vae_gen, rgb=False),
             ]
             if aperture is not None:
                 ap_rows, ap_cols = (settings.tile_size, settings.tile_size) if tiled else (rows, cols)
                 shape_image = to_image_batch(aperture.condition_image(ap_rows * 16, ap_cols * 16), "aperture image")
                 shape_bchw = bhwc_to_bchw(shape_image[:1]).expand(B, -1, -1, -1)
-                conditions.append(self._encode(shape_bchw, (APERTURE_ADAPTER,), (0, -ap_cols), vae_gen, spatial=False))
-        guidance = BOKEH_GUIDANCE if settings.guidance is None else settings.guidance
-        final = self._sample("bokeh", latents, conditions, rows, cols, guidance, settings, callback)
+                conditions.append(self._encode(shape_bchw, (APERTURE_ADAPTER.name,), (0, -ap_cols), vae_gen, spatial=False))
+        guidance = BOKEH.guidance if settings.guidance is None else settings.guidance
+        final = self._sample(BOKEH.name, latents, conditions, rows, cols, guidance, settings, callback)
         out = self._decode(final, rows, cols, size)
         if bool(in_focus.any()):
             out[in_focus] = image[in_focus].to(out.dtype)

@@ -26,13 +26,7 @@ import torch
 
 from ..basics.errors import InputError, ModelFileError
 from .prompt_embedding import PromptEmbedding
-
-STAGE_PROMPTS = {
-    "deblur": "a sharp photo with everything in focus",
-    "bokeh": "an excellent photo with a large aperture",
-}
-# Stage variants share their base stage's prompt.
-STAGE_ALIASES = {"deblurring": "deblur", "pre_deblur": "deblur", "aperture": "bokeh"}
+from .stages import ADAPTERS, STAGES
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
 _FORMAT = "genrefocus-prompt-embedding-v1"
@@ -45,11 +39,12 @@ def default_cache_dir() -> Path:
 
 
 def resolve_prompt(stage_or_prompt: str) -> str:
-    """A stage name ("deblur", "bokeh", "pre_deblur", "aperture") -> its prompt; any other text is the prompt."""
+    """A stage or adapter name (`stages`) -> its stage's prompt; any other text is the prompt."""
     if not isinstance(stage_or_prompt, str) or not stage_or_prompt.strip():
         raise InputError(f"A stage name or prompt text is needed, got {stage_or_prompt!r}.")
-    key = STAGE_ALIASES.get(stage_or_prompt, stage_or_prompt)
-    return STAGE_PROMPTS.get(key, stage_or_prompt)
+    if stage_or_prompt in ADAPTERS:
+        return STAGES[ADAPTERS[stage_or_prompt].stage].prompt
+    return STAGES[stage_or_prompt].prompt if stage_or_prompt in STAGES else stage_or_prompt
 
 
 def cache_key(encoder_identity: str, prompt: str, max_length: int = T5_MAX_LENGTH) -> str:

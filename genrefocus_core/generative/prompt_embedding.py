@@ -1,7 +1,6 @@
 """The encoded text prompt of one stage, as the FLUX transformer consumes it.
 
-The generative stages use fixed prompts ("a sharp photo with everything in focus" for deblurring,
-"an excellent photo with a large aperture" for bokeh), so their T5/CLIP encodings can be computed
+The generative stages use fixed prompts (`stages`), so their T5/CLIP encodings can be computed
 once and stored. `PromptEmbedding` is that stored encoding; `from_safetensors` reads the layout of
 `prompt_embeds.safetensors` (keys `<stage>_prompt_embeds`, `<stage>_pooled_prompt_embeds`,
 `<stage>_text_ids`).
@@ -14,8 +13,6 @@ from pathlib import Path
 import torch
 
 from ..basics.errors import MissingModelFileError, ModelFileError
-
-STAGES = ("deblur", "bokeh")
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ class PromptEmbedding:
 
     @classmethod
     def from_safetensors(cls, path, stage: str) -> "PromptEmbedding":
-        """Read stage `stage` ("deblur" or "bokeh") from a prompt-embedding safetensors file."""
+        """Read stage `stage` (a name of `stages.STAGES`) from a prompt-embedding safetensors file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
