@@ -76,3 +76,42 @@ def test_signed_coc_and_condition():
     with pytest.raises(InputError):
         check_blur_level("a lot")
     assert math.isclose(check_blur_level(5000.0), 5000.0)
+
+
+def test_resolve_focus_distance_depth_slider_and_modes():
+    from genrefocus_core.basics.defocus import disparity_range, resolve_focus
+    # two images; disparities 0.05 .. 1.0 1/m (20 m .. 1 m)
+    disp = torch.stack([torch.linspace(0.05, 0.5, 12).reshape(3, 4), torch.linspace(0.1, 1.0, 12).reshape(3, 4)])
+    assert disparity_range(disp) == (pytest.approx(1.0), pytest.approx(0.05))
+    # distance in metres: the focal plane is at 1 / distance; one per image; infinity -> 0
+    assert torch.allclose(resolve_focus(disp, distance_m=2.0), torch.tensor([0.5, 0.5]))
+    assert torch.allclose(resolve_focus(disp, distance_m=[4.0, float("inf")]), torch.tensor([0.25, 0.0]))
+    # slider: 0 = nearest of the batch, 1 = farthest, linear in disparity; or in a given range
+    assert torch.allclose(resolve_focus(disp, depth=[0.0, 1.0]), torch.tensor([1.0, 0.05]))
+    assert torch.allclose(resolve_focus(disp, depth=0.5), torch.tensor([0.525, 0.525]))
+    assert torch.allclose(resolve_focus(disp, depth=0.5, depth_range=(2.0, 0.0)), torch.tensor([1.0, 1.0]))
+    # per-image points
+    f = resolve_focus(disp, point=[(0, 0), (3, 2)])
+    assert torch.allclose(f, torch.stack([disp[0, 0, 0], disp[1, 2, 3]]))
+    # mode given: the matching input is used, the others ignored (the node passes all its widgets)
+    f = resolve_focus(disp, "distance", point=(0.5, 0.5), normalized=True, value=0.3, distance_m=5.0, depth=0.1)
+    assert torch.allclose(f, torch.tensor([0.2, 0.2]))
+    assert torch.allclose(resolve_focus(disp, "value", value=0.3, distance_m=5.0), torch.tensor([0.3, 0.3]))
+    with pytest.raises(InputError, match="distance_m"):
+        resolve_focus(disp, "distance")
+    with pytest.raises(InputError, match="metric"):
+        resolve_focus(disp, distance_m=2.0, metric=False)
+    with pytest.raises(InputError, match="several"):
+        resolve_focus(disp, distance_m=2.0, depth=0.5)
+    with pytest.raises(InputError, match="Unknown focus mode"):
+        resolve_focus(disp, "ring")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="distance"):
+            resolve_focus(disp, distance_m=bad)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InputError, match="slider"):
+            resolve_focus(disp, depth=bad)
+    with pytest.raises(InputError, match="finite"):
+        resolve_focus(disp, point=(float("nan"), 1.0))
+    with pytest.raises(InputError, match="expected 1 or 2"):
+        resolve_focus(disp, distance_m=[1.0, 2.0, 3.0])

@@ -15,7 +15,7 @@ import math
 import torch
 
 from .errors import InputError
-from .images import to_map_batch
+from .images import resize_map, to_map_batch
 
 log = logging.getLogger(__name__)
 
@@ -60,32 +60,90 @@ def check_blur_level(K: float) -> float:
     return K
 
 
-def focus_disparity(disparity, point=None, mask=None, value=None, normalized: bool = False) -> torch.Tensor:
-    """Disparity of the focal plane, one value per image -> [B].
+FOCUS_MODES = ("point", "mask", "value", "distance", "depth")
 
-    Exactly one way may be given (none = the centre pixel, the reference's default):
-    - point: (x, y) pixel column and row (or fractions of width/height with normalized=True),
-      one pair for the whole batch or one per image; a point outside the image is an error.
-    - mask: [H,W] or [B,H,W] in-focus region; the median disparity inside (mask > 0.5).
-      An empty mask falls back to the whole image's median (as the reference does), with a warning.
-    - value: an explicit disparity (1/m), scalar or one per image.
+
+def _per_image(values, B: int, what: str) -> torch.Tensor:
+    """A scalar or one value per image -> float32 [B]; non-finite values are an InputError."""
+    try:
+        v = torch.as_tensor(values, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{what} must be a number or one number per image, got {values!r}.") from None
+    if v.numel() not in (1, B):
+        raise InputError(f"{what}: expected 1 or {B} values, got {v.numel()}.")
+    if torch.isnan(v).any():
+        raise InputError(f"{what} must be a number, got NaN.")
+    return v.expand(B).clone()
+
+
+def disparity_range(disparity) -> tuple[float, float]:
+    """(nearest, farthest) disparity of the whole batch: the ends of the 0-1 depth slider.
+
+    One range for the batch, so that a clip keeps its slider meaning from frame to frame."""
+    disp = to_map_batch(disparity, "disparity")
+    finite = disp[torch.isfinite(disp)]
+    if finite.numel() == 0:
+        raise InputError("Disparity map has no finite values; check the depth input.")
+    return float(finite.max()), float(finite.min())
+
+
+def resolve_focus(disparity, mode: str | None = None, *, point=None, normalized: bool = False, mask=None,
+                  value=None, distance_m=None, depth=None, metric: bool = True,
+                  depth_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Disparity of the focal plane, one value per image -> [B]. The one place where a focus choice
+    becomes a focal plane (nodes, CLI and focus pulls call it).
+
+    The ways to choose it (each: one value for the whole batch or one per image):
+    - point: (x, y) pixel column and row (fractions of width/height with normalized=True); a point
+      outside the image is an error.
+    - mask: [H,W] or [B,H,W] in-focus region; the median disparity inside (mask > 0.5). An empty mask
+      falls back to the whole image's median (as the reference does), with a warning.
+    - value: an explicit disparity (1/m for metric depth).
+    - distance_m: the distance the lens is focused at, in metres (the focal plane where the blur is
+      zero); inf = focused at infinity (disparity 0). Needs metric depth.
+    - depth: a 0-1 slider through the scene's depth: 0 = the nearest disparity of the batch, 1 = the
+      farthest, linear in disparity (as a lens's focus ring); depth_range = (nearest, farthest)
+      disparity overrides the batch's own range (e.g. the range of a whole clip).
+    mode: one of FOCUS_MODES; the matching argument is then required and the others are ignored (how
+    the node passes all its widgets). Without mode at most one may be given; none = the centre pixel
+    (the reference's default).
     """
     disp = to_map_batch(disparity, "disparity")
     B, H, W = disp.shape
-    given = sum(x is not None for x in (point, mask, value))
-    if given > 1:
-        raise InputError("Give the focus as one of: point, mask or value, not several.")
-    if value is not None:
-        v = torch.as_tensor(value, dtype=torch.float32).flatten()
-        if not torch.isfinite(v).all():
+    choices = {"point": point, "mask": mask, "value": value, "distance": distance_m, "depth": depth}
+    if mode is None:
+        given = [k for k, v in choices.items() if v is not None]
+        if len(given) > 1:
+            raise InputError(f"Give the focus as one of: {', '.join(FOCUS_MODES)}; got several ({', '.join(given)}).")
+        mode = given[0] if given else "point"
+    elif mode not in FOCUS_MODES:
+        raise InputError(f"Unknown focus mode {mode!r}; use one of {', '.join(FOCUS_MODES)}.")
+    elif choices[mode] is None and mode != "point":
+        raise InputError(f"Focus mode {mode!r} needs its {'distance_m' if mode == 'distance' else mode} input.")
+    if mode == "value":
+        v = _per_image(value, B, "Focus disparity")
+        if torch.isinf(v).any():
             raise InputError(f"Focus disparity must be finite, got {value}.")
-        if v.numel() not in (1, B):
-            raise InputError(f"Focus value: expected 1 or {B} values, got {v.numel()}.")
-        return v.expand(B).clone().to(disp.device)
-    if mask is not None:
+        return v.to(disp.device)
+    if mode == "distance":
+        if not metric:
+            raise InputError("Focus by distance (metres) needs metric depth; this depth is relative. Focus by "
+                             "point, mask, value or the 0-1 depth slider instead, or use a metric depth source.")
+        d = _per_image(distance_m, B, "Focus distance")
+        if (d <= 0).any():
+            raise InputError(f"Focus distance must be a positive number of metres (inf = infinity), got {distance_m}.")
+        return (1.0 / d).to(disp.device)  # 1 / inf = 0: focused at infinity
+    if mode == "depth":
+        s = _per_image(depth, B, "Focus depth slider")
+        if ((s < 0) | (s > 1)).any():
+            raise InputError(f"Focus depth slider must lie in [0, 1] (0 = nearest, 1 = farthest), got {depth}.")
+        near, far = disparity_range(disp) if depth_range is None else (float(depth_range[0]), float(depth_range[1]))
+        if not (math.isfinite(near) and math.isfinite(far)):
+            raise InputError(f"depth_range must be two finite disparities, got {depth_range}.")
+        return (near - s.double() * (near - far)).float().to(disp.device)
+    if mode == "mask":
         m = to_map_batch(mask, "focus mask", batch=B).to(disp.device)
         if m.shape[-2:] != disp.shape[-2:]:
-            from .images import resize_map
             m = resize_map(m, (H, W), mode="nearest")
         out = []
         for b in range(B):
@@ -98,21 +156,28 @@ def focus_disparity(disparity, point=None, mask=None, value=None, normalized: bo
     if point is None:
         pts = [(W // 2, H // 2)] * B
     else:
-        p = torch.as_tensor(point, dtype=torch.float64)
+        try:
+            p = torch.as_tensor(point, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"Focus point must be (x, y) or one (x, y) per image, got {point!r}.") from None
         if p.ndim == 1:
-            p = p[None].expand(B, 2)
+            p = p[None].expand(B, -1)
         if p.shape != (B, 2):
             raise InputError(f"Focus point: expected (x, y) or one (x, y) per image, got shape {tuple(p.shape)}.")
+        if not torch.isfinite(p).all():
+            raise InputError(f"Focus point must be finite numbers, got {point}.")
         if normalized:
             if ((p < 0) | (p > 1)).any():
                 raise InputError(f"Normalised focus point {point} must lie in [0, 1] x [0, 1].")
-            p = p * torch.tensor([W - 1, H - 1], dtype=torch.float64)
-            p = p.round()
+            p = (p * torch.tensor([W - 1, H - 1], dtype=torch.float64)).round()
         pts = [(int(x), int(y)) for x, y in p.tolist()]
         for x, y in pts:
             if not (0 <= x < W and 0 <= y < H):
                 raise InputError(f"Focus point (x={x}, y={y}) lies outside the {W}x{H} image.")
     return torch.stack([disp[b, y, x] for b, (x, y) in enumerate(pts)])
+
+
+focus_disparity = resolve_focus  # the name of earlier releases
 
 
 def signed_coc(disparity, disp_focus, K: float) -> torch.Tensor:
