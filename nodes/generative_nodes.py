@@ -9,7 +9,6 @@ each stage runs; in the offloading memory modes the core moves FLUX back to the 
 from __future__ import annotations
 
 import logging
-import os
 import weakref
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch
 from genrefocus_core.generative.loader import load_genrefocus, resolve_prompt_embeddings
 from genrefocus_core.generative.memory import MEMORY_MODES
+from genrefocus_core.generative.model_files import file_stamp
 from genrefocus_core.generative.pipeline import GenRefocusPipeline
 from genrefocus_core.generative.prompt_cache import (T5_MAX_LENGTH, default_cache_dir, read_cached,
                                           store_prompt_embedding)
@@ -123,11 +123,7 @@ class GenRefocusModel:
         return f"GenRefocusModel({self.memory_mode}, adapters={self.pipeline.adapters})"
 
 
-_cache: dict = {}  # {"key": base key, "model": weakref to GenRefocusModel, "loras": {adapter: (path, mtime)}}
-
-
-def _stamp(path: str | None):
-    return None if path is None else (path, os.path.getmtime(path))
+_cache: dict = {}  # {"key": (FLUX, VAE, memory mode, device), "model": weakref to GenRefocusModel}
 
 
 def _bytes(module) -> int:
@@ -197,11 +193,10 @@ class GenRefocusLoadModel:
                              f"{DEBLUR_ADAPTER.file} / {BOKEH_ADAPTER.file} in {comfy_bridge.folder_hint('genrefocus')}.")
         embeddings = stage_embeddings(stages_of(loras), clip, prompt_embeddings)
         device = comfy_bridge.torch_device()
-        key = (_stamp(flux_path), _stamp(vae_path), mode, str(device))
-        lora_stamps = {a: _stamp(p) for a, p in loras.items()}
+        key = (file_stamp(flux_path), file_stamp(vae_path), mode, str(device))
         model = _cache["model"]() if _cache.get("key") == key else None
         if model is not None:
-            self._update_adapters(model.pipeline, _cache["loras"], lora_stamps)
+            model.pipeline.use_lora_files(loras)  # the core keeps which file each adapter holds
         else:
             _cache.clear()
             comfy_bridge.free_memory(None)  # ComfyUI's models (its text encoders, another FLUX) make room
@@ -213,17 +208,7 @@ class GenRefocusLoadModel:
             _cache.update(key=key, model=weakref.ref(model))
         model.pipeline.prompt_embeddings = embeddings
         model.files["loras"] = dict(loras)
-        _cache["loras"] = lora_stamps
         return (model,)
-
-    @staticmethod
-    def _update_adapters(pipe: GenRefocusPipeline, old: dict, new: dict) -> None:
-        for adapter in [a for a in old if old[a] != new.get(a)]:
-            pipe.unload_lora(adapter)
-        for adapter, (path, _) in new.items():
-            if old.get(adapter) != new[adapter]:
-                pipe.load_lora(path, adapter)
-                log.info("GenRefocus: adapter '%s' now from %s", adapter, path)
 
 
 class GenRefocusTiledSampler:

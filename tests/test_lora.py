@@ -1,5 +1,6 @@
 """LoRA files as peft named adapters, and where the multi-branch forward applies them."""
 import json
+import os
 
 import pytest
 import torch
@@ -86,6 +87,43 @@ def test_ranks_follow_the_file(transformer, tmp_path, released):
     lora.load_lora(transformer, tmp_path / "mixed.safetensors", "pre_deblur")
     assert transformer.single_transformer_blocks[1].proj_out.lora_A["pre_deblur"].weight.shape[0] == 8
     assert transformer.transformer_blocks[0].attn.to_q.lora_A["pre_deblur"].weight.shape[0] == 2
+
+
+def test_use_lora_files_keeps_a_true_record_across_failed_switches(transformer, tiny_dir, tmp_path, released,
+                                                                    monkeypatch):
+    """Switch an adapter to a corrupt file (refused, the previous adapter stays), then back: it is still
+    there and not read again; a file changed on disk is read again; unwanted adapters go; the
+    aperture-needs-bokeh rule holds on every call."""
+    from genrefocus_core.basics.errors import InputError
+
+    bokeh, deblur = tiny_dir / "bokehNet.safetensors", tiny_dir / "deblurNet.safetensors"
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01not a safetensors file at all")
+    lora.use_lora_files(transformer, {"deblurring": deblur, "bokeh": bokeh})
+    reads = []
+    real = lora.read_lora_file
+    monkeypatch.setattr(lora, "read_lora_file", lambda path: reads.append(str(path)) or real(path))
+    with pytest.raises(ModelFileError, match="corrupt"):
+        lora.use_lora_files(transformer, {"deblurring": deblur, "bokeh": corrupt})
+    lora.use_lora_files(transformer, {"deblurring": deblur, "bokeh": bokeh})
+    assert lora.loaded_adapters(transformer) == ["deblurring", "bokeh"] and reads == [str(corrupt)]
+    layer = transformer.transformer_blocks[0].attn.to_q
+    key = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+    assert torch.equal(layer.lora_A["bokeh"].weight, released[key])
+    with pytest.raises(InputError, match="bokeh_lora"):
+        lora.use_lora_files(transformer, {"deblurring": deblur, "aperture": bokeh})
+    assert lora.loaded_adapters(transformer) == ["deblurring", "bokeh"]  # refused before any change
+    changed = _write(tmp_path, "bokeh.safetensors", released)
+    lora.use_lora_files(transformer, {"bokeh": changed})
+    assert lora.loaded_adapters(transformer) == ["bokeh"]
+    _write(tmp_path, "bokeh.safetensors", {k: v * 2 for k, v in released.items()})
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # clock ticks are coarse
+    lora.use_lora_files(transformer, {"bokeh": changed})  # same path, new content: read again
+    layer = transformer.transformer_blocks[0].attn.to_q
+    assert torch.equal(layer.lora_A["bokeh"].weight, released[key] * 2)
+    lora.unload_lora(transformer)
+    lora.use_lora_files(transformer, {"bokeh": changed})  # unloaded behind its back: loaded again
+    assert lora.loaded_adapters(transformer) == ["bokeh"]
 
 
 def _write(tmp_path, name, tensors):

@@ -531,6 +531,43 @@ def test_generative_nodes_tiny(pack, tiny_models, monkeypatch, tmp_path):
     assert "ae.safetensors" in str(e.value) and "vae" in str(e.value)
 
 
+def test_loader_adapter_cache_after_a_failed_switch_and_on_a_hit(pack, tiny_models, monkeypatch, tmp_path):
+    """Review bugs: switching a LoRA to a corrupt file and back left BokehNet without its adapter (the
+    cache recorded the old file as loaded after unloading it); a cache hit skipped the aperture-needs-bokeh
+    rule."""
+    from safetensors.torch import load_file, save_file
+
+    from genrefocus_core.basics.errors import InputError, ModelFileError
+    root = tmp_path / "models"
+    for rel in ("diffusion_models/tiny-flux", "vae/tiny-ae", "genrefocus/bokehNet.safetensors",
+                "genrefocus/deblurNet.safetensors", "genrefocus/prompt_embeds.safetensors"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(tiny_models / rel)
+    (root / "genrefocus/corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    bokeh_sd = load_file(str(tiny_models / "genrefocus/bokehNet.safetensors"))
+    save_file({k: v * 0.5 for k, v in bokeh_sd.items()}, str(root / "genrefocus/aperture.safetensors"))
+    monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(root))
+    monkeypatch.setenv("GENREFOCUS_CACHE_DIR", str(tmp_path / "empty-cache"))
+    gen = sub(pack, "generative_nodes")
+    loader = gen.GenRefocusLoadModel
+    (model,) = loader().load(**LOAD_ARGS)
+    with pytest.raises(ModelFileError, match="corrupt.safetensors"):
+        loader().load(**{**LOAD_ARGS, "bokeh_lora": "corrupt.safetensors"})
+    (back,) = loader().load(**LOAD_ARGS)
+    assert back is model and set(back.pipeline.adapters) == {"deblurring", "bokeh"}
+    depth = sub(pack, "common").DepthMaps(disparity=torch.linspace(0.1, 1, 16).expand(1, 16, 16).clone(),
+                                          metric=True, source="t")
+    defocus = _node(pack, "GenRefocusDefocusMap").build(depth, **DEFAULTS)["result"][0]
+    (sampler,) = gen.GenRefocusTiledSampler().make(1, 7, "off", 512, 64, 1, 0.0)
+    (out,) = gen.GenRefocusBokehNet().refocus(back, torch.rand(1, 16, 16, 3), defocus, sampler=sampler)
+    assert out.shape == (1, 16, 16, 3)
+    # a hit on the same FLUX/VAE must still refuse the aperture LoRA without BokehNet's
+    with pytest.raises(InputError, match="bokeh_lora"):
+        loader().load(**{**LOAD_ARGS, "bokeh_lora": "none", "aperture_lora": "aperture.safetensors"})
+    (both,) = loader().load(**{**LOAD_ARGS, "aperture_lora": "aperture.safetensors"})
+    assert both is model and set(both.pipeline.adapters) == {"deblurring", "bokeh", "aperture"}
+
+
 class FakeComfyClip:
     """ComfyUI's CLIP interface as the loader node uses it (tokenize / encode_from_tokens)."""
 

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from ..basics.errors import InputError
 from .memory import Offloader, get_memory_mode
 from .prompt_embedding import PromptEmbedding
 from .stages import ADAPTERS, check_requirements, stages_of
-
-log = logging.getLogger(__name__)
 
 
 def _read_prompt_file(path, stages) -> dict:
@@ -106,9 +103,7 @@ def load_genrefocus(flux=None, vae=None, clip_l=None, t5=None, diffusers_dir=Non
                                  config_dir=vae_config)
 
     # 3. adapters (peft; kept in the compute dtype also when the base weights are fp8).
-    for name, path in loras.items():
-        lora_files.load_lora(transformer, path, name)
-        log.info("Loaded LoRA %s as adapter '%s'.", path, name)
+    lora_files.use_lora_files(transformer, loras)
 
     # 4. placement.
     offload.prepare(transformer)

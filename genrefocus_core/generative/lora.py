@@ -1,9 +1,9 @@
 """GenRefocus LoRA files as peft named adapters on diffusers' FluxTransformer2DModel.
 
-The released files (`stages.ADAPTERS`; deblurNet rank 128, bokehNet rank 64) hold `transformer.<module path>.lora_A.weight` [r, in] and
-`.lora_B.weight` [out, r] for 25 kinds of modules (spec: "LoRA sits on"). They are injected through
-peft under an adapter name (`stages.ADAPTERS`); several adapters can
-live side by side, so switching stages needs no reloading.
+The released files (`stages.ADAPTERS`; deblurNet rank 128, bokehNet rank 64) hold
+`transformer.<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r] for 25 kinds of
+modules (spec: "LoRA sits on"). They are injected through peft under their adapter name; several
+adapters can live side by side, so switching stages needs no reloading (`use_lora_files`).
 
 The adapters are never merged and never run through peft's own forward: `multi_branch_forward`
 calls each peft layer's `base_layer` for the text/image branches and adds
@@ -14,6 +14,7 @@ the original modules bit for bit.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -21,7 +22,14 @@ from pathlib import Path
 import torch
 
 from ..basics.errors import MissingModelFileError, ModelFileError
-from .stages import ADAPTERS
+from .model_files import file_stamp
+from .stages import ADAPTERS, check_requirements
+
+log = logging.getLogger(__name__)
+
+# On the transformer: {adapter: file stamp} of the adapters loaded through load_lora, kept by load_lora
+# and unload_lora themselves so that it always tells what is loaded.
+_FILES_ATTR = "genrefocus_lora_files"
 
 _KEY = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _ALPHA_KEY = re.compile(r"^transformer\.(?P<module>.+)\.alpha$")
@@ -132,6 +140,7 @@ def load_lora(transformer: torch.nn.Module, path, adapter_name: str) -> list[str
 
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"Adapter name must be a non-empty string without dots, got {adapter_name!r}.")
+    stamp = file_stamp(path)  # before reading: a file rewritten meanwhile differs next time and is reloaded
     weights = read_lora_file(path)
     _check_against_model(transformer, path, weights)
     if adapter_name in loaded_adapters(transformer):
@@ -169,7 +178,38 @@ def load_lora(transformer: torch.nn.Module, path, adapter_name: str) -> list[str
         if is_lora_layer(module):
             for p in module.parameters():
                 p.requires_grad_(False)
+    _loaded_files(transformer)[adapter_name] = stamp
     return sorted(weights)
+
+
+def _loaded_files(transformer: torch.nn.Module) -> dict:
+    files = transformer.__dict__.get(_FILES_ATTR)
+    if files is None:
+        files = {}
+        transformer.__dict__[_FILES_ATTR] = files
+    return files
+
+
+def use_lora_files(transformer: torch.nn.Module, files) -> None:
+    """Make the transformer's adapters exactly `files` ({adapter name: LoRA path}), reading only what changed.
+
+    The adapter rules (`stages.check_requirements`) are checked on every call. An adapter is
+    reloaded unless it is loaded from a file with the same stamp; adapters not in `files` are
+    unloaded. The record of which file each adapter came from is kept by load_lora / unload_lora, so
+    after a failed load (which leaves the previous adapter in place) it still tells the truth, and
+    switching back to the previous file needs no reload while any other file is read again.
+    """
+    files = dict(files)
+    check_requirements(files)
+    record = _loaded_files(transformer)
+    for name in loaded_adapters(transformer):
+        if name not in files:
+            unload_lora(transformer, name)
+    present = loaded_adapters(transformer)
+    for name, path in files.items():
+        if name not in present or record.get(name) != file_stamp(path):
+            load_lora(transformer, path, name)
+            log.info("Loaded LoRA %s as adapter '%s'.", path, name)
 
 
 def _param_device_dtype(base: torch.nn.Module, fallback):
@@ -202,6 +242,9 @@ def unload_lora(transformer: torch.nn.Module, adapter_name: str | None = None) -
             parent_name, _, child = name.rpartition(".")
             parent = transformer.get_submodule(parent_name) if parent_name else transformer
             setattr(parent, child, module.get_base_layer())
+    record = _loaded_files(transformer)
+    for n in list(record) if adapter_name is None else [adapter_name]:
+        record.pop(n, None)
     if not loaded_adapters(transformer) and hasattr(transformer, "peft_config"):
         # left by peft's injection; without adapters it would only mislead other tools
         with contextlib.suppress(AttributeError):

@@ -42,6 +42,16 @@ _SAFETENSORS_DTYPE_BYTES = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def file_stamp(path):
+    """(resolved path, size, mtime, inode) of a file, or None if there is none: a changed stamp means
+    another file (the inode catches a file replaced by rename within one clock tick)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino
+
+
 @dataclass
 class TensorInfo:
     dtype: str  # safetensors dtype name, e.g. "BF16", "F8_E4M3"

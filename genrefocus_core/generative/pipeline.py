@@ -76,6 +76,10 @@ class GenRefocusPipeline:
         """Load a LoRA file as a named adapter (a name of `stages.ADAPTERS`)."""
         return lora_files.load_lora(self.transformer, path, adapter_name)
 
+    def use_lora_files(self, files) -> None:
+        """Adapters exactly `files` ({adapter: path}); only changed files are read (`lora.use_lora_files`)."""
+        lora_files.use_lora_files(self.transformer, files)
+
     def unload_lora(self, adapter_name: str | None = None) -> None:
         lora_files.unload_lora(self.transformer, adapter_name)
 
