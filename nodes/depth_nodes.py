@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from genrefocus_core.depth.sources import (DEFAULT_FAR_M, DEFAULT_NEAR_M, disparity_from_external,
-                                           load_depth_file)
+from genrefocus_core.depth.sources import (DEFAULT_FAR_M, DEFAULT_NEAR_M, DEFAULT_SMOOTHING_FRAMES,
+                                           NORMALIZATIONS, disparity_from_external, load_depth_file)
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch
 
@@ -35,6 +35,14 @@ def _meaning_inputs():
                                default=DEFAULT_FAR_M, min=0.002, max=100000.0, step=0.1)),
         "unit": ("FLOAT", tip("Metric maps: metres per stored unit (0.001 for millimetres; 10 for an image whose "
                               "0..1 range encodes 0..10 m).", default=1.0, min=1e-6, max=1e6, step=0.001)),
+        "normalization": (list(NORMALIZATIONS), tip("Relative maps of a batch (video frames): 'batch' = one value range "
+                                                   "for all frames, so the blur does not pump when something enters "
+                                                   "the frame; 'smoothed' = the range follows the clip slowly "
+                                                   "(smoothing_frames); 'per_image' = each map on its own (unrelated "
+                                                   "images). Metric maps are never normalised.", default="batch")),
+        "smoothing_frames": ("INT", tip("normalization 'smoothed': how many frames before and after each frame "
+                                        "its value range follows (0 = per image).",
+                                        default=DEFAULT_SMOOTHING_FRAMES, min=0, max=1000, step=1)),
     }
 
 
@@ -78,10 +86,12 @@ class GenRefocusDepthFromImage(_DepthOutputs):
 
     FUNCTION = "convert"
 
-    def convert(self, depth_image, kind, near, scale, near_m, far_m, unit, image=None):
+    def convert(self, depth_image, kind, near, scale, near_m, far_m, unit, normalization="batch",
+                smoothing_frames=DEFAULT_SMOOTHING_FRAMES, image=None):
         size, batch = _size_and_batch(image)
         disp = disparity_from_external(depth_image, kind=kind, near=near, scale=scale, near_m=near_m, far_m=far_m,
-                                       unit=unit, size=size, batch=batch, name="depth_image")
+                                       unit=unit, size=size, batch=batch, name="depth_image",
+                                       normalization=normalization, smoothing_frames=smoothing_frames)
         maps = _depth_maps(disp, scale, f"external {kind} ({scale})")
         return (maps, disparity_preview(maps.disparity))
 
@@ -128,11 +138,13 @@ class GenRefocusLoadDepthMap(_DepthOutputs):
             raise InputError(f"Load Depth Map: {depth_file!r} is outside ComfyUI's input folder.")
         return path
 
-    def load(self, depth_file, kind, near, scale, near_m, far_m, unit, image=None):
+    def load(self, depth_file, kind, near, scale, near_m, far_m, unit, normalization="batch",
+             smoothing_frames=DEFAULT_SMOOTHING_FRAMES, image=None):
         values = load_depth_file(self._path(depth_file))
         size, batch = _size_and_batch(image)
         disp = disparity_from_external(values, kind=kind, near=near, scale=scale, near_m=near_m, far_m=far_m,
-                                       unit=unit, size=size, batch=batch, name=os.path.basename(depth_file))
+                                       unit=unit, size=size, batch=batch, name=os.path.basename(depth_file),
+                                       normalization=normalization, smoothing_frames=smoothing_frames)
         maps = _depth_maps(disp, scale, f"file {os.path.basename(depth_file)} ({kind}, {scale})")
         return (maps, disparity_preview(maps.disparity))
 

@@ -5,10 +5,11 @@ import torch
 
 
 def disparity_preview(disparity: torch.Tensor) -> torch.Tensor:
-    """Disparity [B,H,W] -> grey IMAGE [B,H,W,3], per image min-max normalised: bright = near."""
+    """Disparity [B,H,W] -> grey IMAGE [B,H,W,3], bright = near, min-max normalised over the whole
+    batch (one scale for the frames of a clip, so the preview does not flicker either)."""
     d = disparity.float()
-    lo = d.flatten(1).amin(1).view(-1, 1, 1)
-    hi = d.flatten(1).amax(1).view(-1, 1, 1)
-    g = (d - lo) / (hi - lo).clamp_min(1e-12)
-    g = torch.where((hi - lo) > 1e-12, g, torch.full_like(g, 0.5))
+    lo, hi = d.min(), d.max()
+    if float(hi - lo) <= 1e-12:
+        return torch.full((*d.shape, 3), 0.5)
+    g = (d - lo) / (hi - lo)
     return g[..., None].expand(-1, -1, -1, 3).contiguous()

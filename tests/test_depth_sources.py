@@ -9,6 +9,7 @@ from PIL import Image
 
 from genrefocus_core.depth.sources import (
     DEFAULT_FAR_M, DEFAULT_NEAR_M, depth_from_external, disparity_from_external, load_depth_file, read_map,
+    value_ranges,
 )
 from genrefocus_core.basics.errors import InputError
 
@@ -131,10 +132,15 @@ def test_all_zero_constant_and_nan_maps(caplog):
     assert "NaN" in caplog.text
     known = torch.tensor([1.0, 0.5, 0.25, 0.2, 0.1])
     assert torch.isclose(disp[0, 0, 2], known.median()) and torch.isfinite(disp).all()
-    # one bad image in a batch is named
+    # one bad image in a batch is named (normalised on its own); in a clip normalised as a whole, a
+    # frame filled by one surface is legitimate: it takes the clip's range (all zero = the far end)
     batch = torch.stack([torch.rand(4, 4), torch.zeros(4, 4)])
     with pytest.raises(InputError, match="image 1"):
-        disparity_from_external(batch)
+        disparity_from_external(batch, normalization="per_image")
+    clip = disparity_from_external(batch)
+    assert torch.allclose(clip[1], torch.full((4, 4), FAR_D))
+    with pytest.raises(InputError, match="image 0"):
+        disparity_from_external(torch.ones(2, 4, 4))
     with pytest.raises(InputError, match="infinite"):
         disparity_from_external(torch.tensor([[1.0, float("inf")]]))
 
@@ -165,6 +171,73 @@ def test_other_size_batch_and_options():
     # layouts: [B,1,H,W] and ComfyUI MASK [B,H,W]
     assert read_map(torch.rand(2, 1, 5, 6)).shape == (2, 5, 6)
     assert read_map(torch.rand(2, 5, 6)).shape == (2, 5, 6)
+
+
+# ---------------------------------------------------------------------------------- clips
+
+def _clip_with_entering_object(frames=12, enter=6, h=16, w=24):
+    """Relative disparity frames (bigger = nearer, as Depth Anything gives): a static background ramp
+    0.2..0.6 and, from frame `enter` on, a near object (value 0.9 + 0.05 per frame) sliding in from the
+    left; pixels the object covers are marked in the returned mask."""
+    background = torch.linspace(0.2, 0.6, w)[None].expand(h, w)
+    maps, covered = [], []
+    for f in range(frames):
+        m = background.clone()
+        cover = torch.zeros(h, w, dtype=torch.bool)
+        if f >= enter:
+            cover[4:12, : 2 * (f - enter + 1)] = True
+            m[cover] = 0.9 + 0.05 * (f - enter)
+        maps.append(m)
+        covered.append(cover)
+    return torch.stack(maps), torch.stack(covered)
+
+
+def test_clip_keeps_one_normalisation_so_the_background_blur_does_not_pump():
+    """An object entering later frames must not change the blur of the static background."""
+    from genrefocus_core.basics.defocus import defocus_map
+    values, covered = _clip_with_entering_object()
+    background = ~covered.any(0)  # pixels never covered
+    K, focus = 30.0, 0.5  # focused at 2 m (disparity 0.5 1/m)
+    blur = defocus_map(disparity_from_external(values, kind="disparity"), focus, K)
+    # one normalisation over the batch: the background's disparity, hence its blur, is the same in
+    # every frame (same values through the same affine map: equal up to float32 rounding, 1e-5 px)
+    assert (blur[:, background] - blur[0, background]).abs().max() < 1e-5
+    # the object enters as the nearest thing of the clip: nearer than anything in the first frames
+    assert blur[-1][covered[-1]].min() > blur[0][background].max()
+    # per image (the earlier behaviour) the background blur jumps when the object enters: the test can fail
+    per_image = defocus_map(disparity_from_external(values, kind="disparity", normalization="per_image"), focus, K)
+    assert (per_image[6:, background] - per_image[0, background]).abs().max() > 1.0
+
+
+def test_smoothed_normalisation_follows_the_clip_gradually_and_contains_every_frame():
+    values, covered = _clip_with_entering_object(frames=20, enter=10)
+    lo, hi = value_ranges(values, "smoothed", 4)
+    own_lo, own_hi = values.flatten(1).amin(1), values.flatten(1).amax(1)
+    assert (lo <= own_lo + 1e-7).all() and (hi >= own_hi - 1e-7).all()  # no frame leaves its range
+    # far from the entry (more than 2 x 4 frames before it) the range is the background's own
+    assert torch.allclose(hi[:2], own_hi[:2]) and torch.allclose(lo, own_lo)
+    # the range rises over the window before the entry instead of jumping at frame 10
+    steps = hi.diff()
+    per_image_jump = float(own_hi[10] - own_hi[9])
+    assert float(steps.max()) < 0.5 * per_image_jump and (steps[2:10] > 0).all()
+    # a window of 0 is per image; "batch" is the whole clip's range
+    assert torch.equal(value_ranges(values, "smoothed", 0)[1], value_ranges(values, "per_image")[1])
+    assert torch.allclose(value_ranges(values, "batch")[1], own_hi.max().expand(20))
+    # through the public function: smoothed disparities stay inside the scene range
+    disp = disparity_from_external(values, kind="disparity", normalization="smoothed", smoothing_frames=4)
+    assert float(disp.min()) >= FAR_D - 1e-6 and float(disp.max()) <= NEAR_D + 1e-6
+    with pytest.raises(InputError, match="normalization"):
+        disparity_from_external(values, normalization="global")
+    with pytest.raises(InputError, match="smoothing_frames"):
+        value_ranges(values, "smoothed", -1)
+
+
+def test_metric_clips_are_not_normalised():
+    values, _ = _clip_with_entering_object()
+    depth = 1.0 + 10.0 * values  # metres
+    for normalization in ("batch", "smoothed", "per_image"):
+        disp = disparity_from_external(depth, kind="depth", scale="metric", normalization=normalization)
+        assert torch.allclose(disp, 1.0 / depth)
 
 
 # ---------------------------------------------------------------------------------- files

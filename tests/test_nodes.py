@@ -224,6 +224,15 @@ def test_depth_from_image_and_batches(pack):
     from genrefocus_core.basics.errors import InputError
     with pytest.raises(InputError, match="aspect"):
         node.convert(metric, "depth", "auto", "metric", 1.0, 20.0, 1.0, image=torch.rand(1, 32, 32, 3))
+    # frames of a clip: one normalisation by default (a near object entering frame 1 leaves frame 0's
+    # background where it was), per image on request
+    clip = torch.linspace(0.2, 0.6, 32).view(1, 1, 32, 1).expand(2, 24, 32, 3).clone()
+    clip[1, :8, :8] = 1.0
+    one, preview = node.convert(clip, "disparity", "auto", "relative", 1.0, 20.0, 1.0)
+    assert torch.allclose(one.disparity[0, 20], one.disparity[1, 20])
+    assert torch.equal(preview[0, 20], preview[1, 20])  # the preview keeps one scale too
+    each, _ = node.convert(clip, "disparity", "auto", "relative", 1.0, 20.0, 1.0, "per_image")
+    assert not torch.allclose(each.disparity[0, 20], each.disparity[1, 20])
 
 
 def test_load_depth_map_file(pack, tmp_path, monkeypatch):

@@ -16,6 +16,13 @@ disparity [1/far_m, 1/near_m] and relative depth linearly onto depth [near_m, fa
 affine in its own quantity, which is what the networks predict). Depth Pro's disparity on ordinary
 photos mostly spans about 0.05..1 1/m, so the blur level K keeps about the same meaning whichever
 source the depth came from; give near_m/far_m to match a known scene.
+
+A batch of relative maps (the frames of a clip) is normalised with ONE value range (normalization
+"batch", the default), so an object entering a later frame does not rescale the depth, and so the
+blur, of everything else; "smoothed" lets the range follow the clip slowly (see `value_ranges`);
+"per_image" normalises every map on its own (for unrelated images). A map that a depth node has
+already normalised per frame cannot be repaired here: use the node's raw output. Metric maps are
+never normalised.
 """
 from __future__ import annotations
 
@@ -43,6 +50,8 @@ _ASPECT_TOLERANCE = 0.02
 _KINDS = ("depth", "disparity")
 _NEARS = ("auto", "bright", "dark")
 _SCALES = ("relative", "metric")
+NORMALIZATIONS = ("batch", "smoothed", "per_image")
+DEFAULT_SMOOTHING_FRAMES = 8
 
 
 def _array_from_pil(img) -> np.ndarray:
@@ -148,7 +157,8 @@ def _fit_size(disp: torch.Tensor, size, batch, name: str) -> torch.Tensor:
 def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "auto", scale: str = "relative",
                             near_m: float = DEFAULT_NEAR_M, far_m: float = DEFAULT_FAR_M, unit: float = 1.0,
                             size: tuple[int, int] | None = None, batch: int | None = None,
-                            name: str = "depth map") -> torch.Tensor:
+                            name: str = "depth map", normalization: str = "batch",
+                            smoothing_frames: int = DEFAULT_SMOOTHING_FRAMES) -> torch.Tensor:
     """An external depth or disparity map -> disparity [B, H, W] in 1/m (bigger = nearer).
 
     image_or_map: ComfyUI IMAGE [B,H,W,3] (grey), MASK [B,H,W], numpy (uint8/uint16/float), PIL
@@ -159,6 +169,8 @@ def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "
     size: (H, W) of the image the map belongs to; a map of another size with the same aspect ratio
       is resized (bilinear, on disparity); another aspect ratio is an error.
     batch: the image batch; a single map is repeated to it.
+    normalization, smoothing_frames: relative maps only: how the value range of a batch is found
+      (module docstring, `value_ranges`).
 
     Handling: NaN pixels are unknown and get the image's median disparity (warned); metric depth
     <= 0 or +inf means infinitely far (disparity 0), negative metric disparity is an error. A map
@@ -168,6 +180,7 @@ def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "
     _check_choice(kind, _KINDS, "kind")
     _check_choice(near, _NEARS, "near")
     _check_choice(scale, _SCALES, "scale")
+    _check_choice(normalization, NORMALIZATIONS, "normalization")
     values = read_map(image_or_map, name)
     for b in range(values.shape[0]):
         if torch.isnan(values[b]).all():
@@ -188,7 +201,8 @@ def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "
         if not (0 < near_m < far_m):
             raise InputError(f"Scene range must satisfy 0 < near_m < far_m (metres), got near_m={near_m}, "
                              f"far_m={far_m}.")
-        disp = _relative_to_disparity(values, kind, flipped, near_m, far_m, name)
+        lo, hi = value_ranges(values, normalization, smoothing_frames, name)
+        disp = _relative_to_disparity(values, kind, flipped, near_m, far_m, lo, hi)
     disp = _fill_nan(disp, name)
     return _fit_size(disp, size, batch, name)
 
@@ -235,29 +249,65 @@ def _metric_to_disparity(values: torch.Tensor, kind: str, unit: float, name: str
     return torch.where(nan, values, disp)  # NaN stays unknown for _fill_nan
 
 
-def _relative_to_disparity(values: torch.Tensor, kind: str, flipped: bool, near_m: float, far_m: float,
-                           name: str) -> torch.Tensor:
+def value_ranges(values: torch.Tensor, normalization: str = "batch",
+                 smoothing_frames: int = DEFAULT_SMOOTHING_FRAMES,
+                 name: str = "depth map") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (lowest, highest) value [B] each relative map is normalised with; NaN pixels are ignored.
+
+    - "per_image": each map's own range.
+    - "batch": the whole batch's range for every map.
+    - "smoothed": each map's range widened to the extremes of the maps within `smoothing_frames` frames
+      of it (running min / max), then averaged over that window with Gaussian weights (sigma = half
+      the window, renormalised at the clip's ends). Every value of the window is at least as extreme
+      as the map's own, so the average still contains the map's range (no value leaves [lo, hi]),
+      and an object entering at frame k changes the range gradually from frame k - 2 * smoothing_frames
+      on instead of at once. smoothing_frames = 0 is "per_image".
+    A range of zero width (a constant map, or a constant batch) holds no depth and is an error;
+    under "batch"/"smoothed" a constant map in a varying batch is normalised with its neighbours'
+    range (a frame filled by one surface is legitimate in a clip).
+    """
+    _check_choice(normalization, NORMALIZATIONS, "normalization")
+    if isinstance(smoothing_frames, bool) or not isinstance(smoothing_frames, (int, np.integer)) or smoothing_frames < 0:
+        raise InputError(f"smoothing_frames must be a whole number of frames >= 0, got {smoothing_frames!r}.")
     if torch.isinf(values).any():
         raise InputError(f"{name}: infinite values in a relative map; check the map.")
-    out = torch.empty_like(values)
-    for b in range(values.shape[0]):
-        v = values[b]
-        known = v[~torch.isnan(v)]
-        if known.numel() == 0:
-            out[b] = v  # all NaN: reported by _fill_nan
-            continue
-        lo, hi = known.min(), known.max()
-        if float(hi - lo) <= 1e-12 * max(1.0, float(hi.abs())):
-            raise InputError(f"{name} (image {b}) is constant (every pixel {float(lo):g}): it holds no depth; "
+    B = values.shape[0]
+    flat = values.reshape(B, -1).double()
+    known = ~torch.isnan(flat)
+    for b in range(B):
+        if not known[b].any():
+            raise InputError(f"{name} is NaN everywhere (image {b}): it holds no depth; check the depth node.")
+    lo = torch.where(known, flat, torch.full_like(flat, math.inf)).amin(1)
+    hi = torch.where(known, flat, torch.full_like(flat, -math.inf)).amax(1)
+    if normalization == "batch":
+        lo, hi = lo.min().expand(B), hi.max().expand(B)
+    elif normalization == "smoothed" and smoothing_frames > 0 and B > 1:
+        r = int(smoothing_frames)
+        offsets = torch.arange(-r, r + 1)
+        window = torch.arange(B)[:, None] + offsets[None]  # [B, 2r+1] frame indices around each frame
+        inside = (window >= 0) & (window < B)
+        window = window.clamp(0, B - 1)  # outside frames repeat the end frame; their weight is 0
+        run_lo, run_hi = lo[window].amin(1), hi[window].amax(1)
+        w = torch.exp(-0.5 * (offsets.double() / (r / 2.0)) ** 2)[None] * inside
+        w = w / w.sum(1, keepdim=True)
+        lo = (w * run_lo[window]).sum(1).minimum(lo)  # min/max only absorb rounding: the average already contains
+        hi = (w * run_hi[window]).sum(1).maximum(hi)  # the frame's range
+    for b in range(B):
+        if float(hi[b] - lo[b]) <= 1e-12 * max(1.0, float(hi[b].abs())):
+            raise InputError(f"{name} (image {b}) is constant (every pixel {float(lo[b]):g}): it holds no depth; "
                              "check the depth node's output.")
-        t = (v - lo) / (hi - lo)  # 0..1 in the map's own direction
-        if flipped:
-            t = 1.0 - t
-        if kind == "disparity":  # t = 1 nearest
-            out[b] = (1.0 - t) / far_m + t / near_m
-        else:  # t = 0 nearest
-            out[b] = 1.0 / (near_m + t * (far_m - near_m))
-    return out
+    return lo.float(), hi.float()
+
+
+def _relative_to_disparity(values: torch.Tensor, kind: str, flipped: bool, near_m: float, far_m: float,
+                           lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Relative values -> disparity, with the value range [lo, hi] per map (`value_ranges`)."""
+    t = (values - lo.view(-1, 1, 1)) / (hi - lo).view(-1, 1, 1)  # 0..1 in the map's own direction; NaN stays
+    if flipped:
+        t = 1.0 - t
+    if kind == "disparity":  # t = 1 nearest
+        return (1.0 - t) / far_m + t / near_m
+    return 1.0 / (near_m + t * (far_m - near_m))  # depth: t = 0 nearest
 
 
 # ----------------------------------------------------------------------------------------------
