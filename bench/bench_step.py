@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from genrefocus_core import lora  # noqa: E402
+from genrefocus_core.generative import flux_layouts  # noqa: E402
 from genrefocus_core.generative import multi_branch_forward as mbf  # noqa: E402
 from genrefocus_core.generative.condition_tokens import position_ids  # noqa: E402
 from genrefocus_core.generative.sampling import (DenoiseInputs, SamplerSettings, denoise, tile_origins,  # noqa: E402
@@ -180,12 +181,12 @@ def emulated_branch_attention(q, k, v, main_len, n):
 
 @contextlib.contextmanager
 def emulate_reference():
-    saved = mbf.lora_linear, mbf._branch_attention
-    mbf.lora_linear, mbf._branch_attention = emulated_lora_linear, emulated_branch_attention
+    saved = flux_layouts.lora_linear, mbf._branch_attention
+    flux_layouts.lora_linear, mbf._branch_attention = emulated_lora_linear, emulated_branch_attention
     try:
         yield
     finally:
-        mbf.lora_linear, mbf._branch_attention = saved
+        flux_layouts.lora_linear, mbf._branch_attention = saved
 
 
 def import_reference(path: str):

@@ -165,8 +165,9 @@ def test_bad_files_raise_model_file_error_and_leave_model_untouched(transformer,
     assert lora.loaded_adapters(transformer) == []
     after = transformer.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    from genrefocus_core.generative.pipeline import GenRefocusPipeline
     with pytest.raises(ModelFileError, match="deblurNet.safetensors"):
-        lora.require_adapters(transformer, ["deblurring"])
+        GenRefocusPipeline(transformer, None, {}, device="cpu", dtype=torch.float32)._require_adapters(["deblurring"])
 
 
 def _forward_inputs(transformer, n_cond, rows=4, cols=4, adapters=("bokeh",), seed=0):

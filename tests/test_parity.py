@@ -69,49 +69,45 @@ def _global_seed(case):
     return int(m.group(1)) if m else 42
 
 
-@pytest.mark.parametrize("case_name", _case_names())
-def test_parity(case_name, parity_dir, manifest, tiny_pipeline):
-    cases = {c["name"]: c for c in manifest["cases"]}
-    assert case_name in cases, f"case {case_name} not in {parity_dir / 'manifest.json'}"
-    case = cases[case_name]
-    kind = case["kind"]
-    assert kind in KINDS, f"unknown case kind {kind!r} in case {case_name}"
-    z = {k: torch.from_numpy(v) for k, v in np.load(parity_dir / f"{case_name}.npz").items()}
-    pipe = tiny_pipeline
-    H, W = case["height"], case["width"]
+def check_recorded_trajectory(transformer, case, z) -> float:
+    """Run the sampler from the case's recorded initial latents and condition tokens on `transformer`
+    (a diffusers model or a layout adapter); every step's noise prediction and latents and the final
+    latents must be within 1e-4 of the recording. Returns the final latents' max deviation."""
+    from genrefocus_core.generative.condition_tokens import pack_latents
+
+    name, kind, steps = case["name"], case["kind"], case["steps"]
     rows, cols = case["latent_tokens_hw"]
     assert rows * cols == case["image_seq_len"] == z["init_latents"].shape[1]
-    steps = case["steps"]
-    tiled = bool(case["tiled"])
-    adapter = KIND_ADAPTER[kind]
-    guidance = float(case["guidance_scale"])
-
-    # ---- (a) sampler from the recorded initial latents and condition tokens
     n_cond = sum(1 for k in z if re.fullmatch(r"cond\d+_tokens", k))
     assert n_cond == {"deblur": 1, "pre_deblur": 2, "bokeh": 2}[kind]
     cond_tokens = [z[f"cond{i}_tokens"] for i in range(n_cond)]
     cond_ids = [z[f"cond{i}_ids"] for i in range(n_cond)]
-    predictions = []
-    step_latents = []
-    settings = SamplerSettings(steps=steps, tiled=tiled)
+    predictions, step_latents = [], []
+    settings = SamplerSettings(steps=steps, tiled=bool(case["tiled"]))
     with torch.no_grad():
-        constants = prepare_constants(pipe.transformer, z["prompt_embeds"], z["pooled_prompt_embeds"], cond_tokens,
-                                      [(adapter,)] * n_cond, torch.float32)
-        inputs = DenoiseInputs(constants, z["text_ids"], rows, cols, cond_ids, [True] * n_cond, guidance)
-        final = denoise(pipe.transformer, z["init_latents"], inputs, settings,
+        constants = prepare_constants(transformer, z["prompt_embeds"], z["pooled_prompt_embeds"], cond_tokens,
+                                      [(KIND_ADAPTER[kind],)] * n_cond, torch.float32)
+        inputs = DenoiseInputs(constants, z["text_ids"], rows, cols, cond_ids, [True] * n_cond,
+                               float(case["guidance_scale"]))
+        final = denoise(transformer, z["init_latents"], inputs, settings,
                         callback=lambda step, total, lat: step_latents.append(lat.clone()),
                         prediction_hook=lambda i, pred: predictions.append(pred.clone()))
     assert len(predictions) == len(step_latents) == steps
-    from genrefocus_core.generative.condition_tokens import pack_latents
     for i in range(steps):
         err_pred = (predictions[i] - z["step_noise_pred"][i]).abs().max().item()
         err_lat = (pack_latents(step_latents[i]) - z["step_latents"][i]).abs().max().item()
-        assert err_pred < 1e-4, f"{case_name} step {i}: noise prediction off by {err_pred:.3g}"
-        assert err_lat < 1e-4, f"{case_name} step {i}: latents off by {err_lat:.3g}"
+        assert err_pred < 1e-4, f"{name} step {i}: noise prediction off by {err_pred:.3g}"
+        assert err_lat < 1e-4, f"{name} step {i}: latents off by {err_lat:.3g}"
     err_final = (final - z["final_latents"]).abs().max().item()
-    assert err_final < 1e-4, f"{case_name}: final latents off by {err_final:.3g}"
+    assert err_final < 1e-4, f"{name}: final latents off by {err_final:.3g}"
+    return err_final
 
-    # ---- (b) end to end from the input image with the reference RNG protocol
+
+def run_end_to_end(pipe, case, z):
+    """The case end to end from its input image (and depth, through defocus.py, for bokeh) on `pipe`
+    with the reference RNG protocol -> output [1, H, W, 3]."""
+    kind, steps, tiled = case["kind"], case["steps"], bool(case["tiled"])
+    H, W = case["height"], case["width"]
     image = z["input_uint8"]
     global_seed = _global_seed(case)
     if kind == "bokeh":
@@ -136,6 +132,25 @@ def test_parity(case_name, parity_dir, manifest, tiny_pipeline):
             out = pipe.deblur(image, pre_deblurred=z["pre_deblur_uint8"], settings=settings, variant="pre_deblur")
         else:
             out = pipe.deblur(image, settings=settings, variant="plain")
+    return out
+
+
+@pytest.mark.parametrize("case_name", _case_names())
+def test_parity(case_name, parity_dir, manifest, tiny_pipeline):
+    cases = {c["name"]: c for c in manifest["cases"]}
+    assert case_name in cases, f"case {case_name} not in {parity_dir / 'manifest.json'}"
+    case = cases[case_name]
+    kind = case["kind"]
+    assert kind in KINDS, f"unknown case kind {kind!r} in case {case_name}"
+    z = {k: torch.from_numpy(v) for k, v in np.load(parity_dir / f"{case_name}.npz").items()}
+    pipe = tiny_pipeline
+    H, W = case["height"], case["width"]
+
+    # ---- (a) sampler from the recorded initial latents and condition tokens
+    err_final = check_recorded_trajectory(pipe.transformer, case, z)
+
+    # ---- (b) end to end from the input image with the reference RNG protocol
+    out = run_end_to_end(pipe, case, z)
     assert out.shape == (1, H, W, 3)
     err_float = (out[0] - z["output_float"][0]).abs().max().item()
     out_uint8 = (out[0].clamp(0, 1) * 255).round().to(torch.uint8)

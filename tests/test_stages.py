@@ -211,7 +211,7 @@ def test_offloader_stages_are_used(pipe):
         execution_device = torch.device("cpu")
 
         @contextmanager
-        def stage(self, module):
+        def stage(self, module, work=None):
             used.append(type(module).__name__)
             yield module
 

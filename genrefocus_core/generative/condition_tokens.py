@@ -55,28 +55,57 @@ def token_grid(height: int, width: int) -> tuple[int, int]:
     return height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
 
 
+class DiffusersVae:
+    """The VAE codec over diffusers' AutoencoderKL of FLUX. A codec is what the stages need of a VAE:
+    `dtype`, `shift_factor`, `scaling_factor`, `encode_posterior(x) -> (mean, std)` of the latent
+    posterior for x [B, 3, H, W] in the VAE's input range, and `decode_image(z) -> [B, 3, 8h, 8w]` in
+    [0, 1] from raw latents z. Other front ends (ComfyUI's VAE) provide their own codec."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.shift_factor = vae.config.shift_factor
+        self.scaling_factor = vae.config.scaling_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode_posterior(self, x: torch.Tensor):
+        dist = self.vae.encode(x.to(dtype=self.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def decode_image(self, z: torch.Tensor) -> torch.Tensor:
+        image = self.vae.decode(z.to(dtype=self.dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
+def vae_codec(vae):
+    """A VAE codec for `vae`: a codec as is, a diffusers AutoencoderKL wrapped in `DiffusersVae`."""
+    return vae if hasattr(vae, "encode_posterior") else DiffusersVae(vae)
+
+
 def vae_encode(vae, images_bchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """VAE-encode [B, 3, H, W] (in the VAE's input range, on the execution device) and draw one posterior sample
     -> normalised latents `(z - shift) * scale` [B, 16, H/8, W/8].
 
-    generator None draws from the global torch RNG (the reference's protocol).
+    generator None draws from the global torch RNG (the reference's protocol: diffusers' `sample()`).
     """
+    codec = vae_codec(vae)
     # inputs stay on their device (the execution device; offload hooks bring the weights there)
-    dist = vae.encode(images_bchw.to(dtype=next(vae.parameters()).dtype)).latent_dist
+    mean, std = codec.encode_posterior(images_bchw)
     if generator is None:
-        z = dist.sample()
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
     else:
-        noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype,
-                            device=generator.device).to(dist.mean.device)
-        z = dist.mean + dist.std * noise
-    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                            device=generator.device).to(mean.device)
+    z = mean + std * noise
+    return (z - codec.shift_factor) * codec.scaling_factor
 
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Normalised latents [B, 16, h, w] (on the execution device) -> image [B, 3, 8h, 8w] in [0, 1]."""
-    z = latents.to(dtype=next(vae.parameters()).dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    image = vae.decode(z, return_dict=False)[0]
-    return (image.float() / 2 + 0.5).clamp(0, 1)
+    codec = vae_codec(vae)
+    return codec.decode_image(latents / codec.scaling_factor + codec.shift_factor)
 
 
 def encode_condition(vae, images_bchw: torch.Tensor, adapters, delta=(0, 0), *, rgb: bool = True,

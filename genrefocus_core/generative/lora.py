@@ -23,7 +23,7 @@ import torch
 
 from ..basics.errors import MissingModelFileError, ModelFileError
 from .model_files import file_stamp
-from .stages import ADAPTERS, check_requirements
+from .stages import check_requirements
 
 log = logging.getLogger(__name__)
 
@@ -190,25 +190,48 @@ def _loaded_files(transformer: torch.nn.Module) -> dict:
     return files
 
 
-def use_lora_files(transformer: torch.nn.Module, files) -> None:
-    """Make the transformer's adapters exactly `files` ({adapter name: LoRA path}), reading only what changed.
+class _PeftAdapters:
+    """The adapter-store view of a diffusers transformer with peft adapters (`lora_slices.LoraSlices`
+    is the other store: adapters kept outside a BFL-layout model)."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    @property
+    def adapters(self) -> list[str]:
+        return loaded_adapters(self.transformer)
+
+    @property
+    def files(self) -> dict:
+        return _loaded_files(self.transformer)
+
+    def load_file(self, path, name):
+        return load_lora(self.transformer, path, name)
+
+    def unload(self, name):
+        unload_lora(self.transformer, name)
+
+
+def use_lora_files(target, files) -> None:
+    """Make the adapters of `target` (a diffusers transformer, or a store such as
+    `lora_slices.LoraSlices`) exactly `files` ({adapter name: LoRA path}), reading only what changed.
 
     The adapter rules (`stages.check_requirements`) are checked on every call. An adapter is
     reloaded unless it is loaded from a file with the same stamp; adapters not in `files` are
-    unloaded. The record of which file each adapter came from is kept by load_lora / unload_lora, so
-    after a failed load (which leaves the previous adapter in place) it still tells the truth, and
-    switching back to the previous file needs no reload while any other file is read again.
+    unloaded. The record of which file each adapter came from is kept by the loads and unloads
+    themselves, so after a failed load (which leaves the previous adapter in place) it still tells the
+    truth, and switching back to the previous file needs no reload while any other file is read again.
     """
     files = dict(files)
     check_requirements(files)
-    record = _loaded_files(transformer)
-    for name in loaded_adapters(transformer):
+    store = target if hasattr(target, "load_file") else _PeftAdapters(target)
+    for name in store.adapters:
         if name not in files:
-            unload_lora(transformer, name)
-    present = loaded_adapters(transformer)
+            store.unload(name)
+    present = store.adapters
     for name, path in files.items():
-        if name not in present or record.get(name) != file_stamp(path):
-            load_lora(transformer, path, name)
+        if name not in present or store.files.get(name) != file_stamp(path):
+            store.load_file(path, name)
             log.info("Loaded LoRA %s as adapter '%s'.", path, name)
 
 
@@ -249,14 +272,3 @@ def unload_lora(transformer: torch.nn.Module, adapter_name: str | None = None) -
         # left by peft's injection; without adapters it would only mislead other tools
         with contextlib.suppress(AttributeError):
             del transformer.peft_config
-
-
-def require_adapters(transformer: torch.nn.Module, names) -> None:
-    """ModelFileError naming the missing LoRA file when a stage's adapter is not loaded."""
-    have = loaded_adapters(transformer)
-    for name in names:
-        if name not in have:
-            raise ModelFileError(
-                f"The '{name}' LoRA is not loaded (needs {ADAPTERS[name].file if name in ADAPTERS else name}); "
-                f"loaded adapters: {have or 'none'}. Load it with load_lora(transformer, path, '{name}')."
-            )

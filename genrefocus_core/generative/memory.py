@@ -367,7 +367,9 @@ class Offloader:
         return module
 
     @contextlib.contextmanager
-    def stage(self, module: nn.Module):
+    def stage(self, module: nn.Module, work=None):
+        """Run `module` on the execution device for the block (`work`, the stage's
+        sampling.SequenceSize, is not needed by these fixed plans)."""
         hooks = self._sequential.get(id(module))
         if hooks is not None:
             hooks.refresh()  # adapters loaded after `prepare` get their hooks too

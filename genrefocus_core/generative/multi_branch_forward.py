@@ -1,5 +1,6 @@
-"""The OminiControl-style multi-branch forward of FLUX used by GenRefocus, over diffusers'
-FluxTransformer2DModel modules (no fork of the model).
+"""The OminiControl-style multi-branch forward of FLUX used by GenRefocus, written once for every
+module layout: it reaches the model's layers through a layout adapter (`flux_layouts`: diffusers'
+FluxTransformer2DModel, or BFL's layout as in ComfyUI's own FLUX), never through a fork of the model.
 
 Branches, in this order: text, image (the noisy latents), condition 1..n. Rules (spec
 "Condition tokens"):
@@ -20,7 +21,8 @@ How it is computed (identical results, less work than branch-by-branch):
   rotary embeddings) are computed once by `RunConstants` / `rotary_embedding`;
 - the last single block only computes what the output uses: image queries, MLP and projection
   (text and condition tokens give only keys and values there).
-Modules are always called (never their weights read), so offload and fp8 hooks apply.
+Modules are always called (never their weights read), so offload, fp8 and ComfyUI's ops apply.
+Functions taking `transformer` accept a layout adapter or a diffusers FluxTransformer2DModel.
 """
 from __future__ import annotations
 
@@ -28,27 +30,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import apply_rotary_emb
 
-from .lora import is_lora_layer
+from .flux_layouts import Segment, apply_rope, layout_of, rope_tables
 
-# A LoRA segment: tokens [start, stop) along the sequence dimension get these adapters.
-Segment = tuple[int, int, tuple[str, ...]]
-
-
-def lora_linear(module: torch.nn.Module, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-    """Base projection of all of `x` [..., S, in] plus, for each segment, the LoRA delta
-    `lora_B(lora_A(x))` of each listed adapter at scale 1. Segments are along dim -2."""
-    if not is_lora_layer(module):
-        return module(x)
-    y = module.get_base_layer()(x)
-    for start, stop, adapters in segments:
-        xs = x[..., start:stop, :]
-        for name in adapters:
-            if name in module.lora_A:
-                delta = module.lora_B[name](module.lora_A[name](module.lora_dropout[name](xs)))
-                y[..., start:stop, :] += delta.to(y.dtype)
-    return y
 
 
 def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
@@ -146,40 +130,41 @@ class RunConstants:
         )
 
 
-def _time_embedding(transformer, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor,
+def _time_embedding(layout, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:
     """Embedding of (t, guidance, pooled); timestep and guidance in the reference's units (t/1000 and
-    the guidance scale), multiplied by 1000 as diffusers' FLUX forward does."""
+    the guidance scale), multiplied by 1000 in the compute dtype as the reference does."""
     timestep = timestep.to(dtype) * 1000
-    if guidance is None or not transformer.config.guidance_embeds:
-        return transformer.time_text_embed(timestep, pooled)
-    return transformer.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
+    if guidance is None or not layout.has_guidance:
+        return layout.time_embedding(timestep, None, pooled)
+    return layout.time_embedding(timestep, guidance.to(dtype) * 1000, pooled)
 
 
 def prepare_constants(transformer, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
                       cond_tokens: list[torch.Tensor], cond_adapters: list[tuple[str, ...]],
                       dtype: torch.dtype) -> RunConstants:
     """Embed the text [B, T, Dt] and each condition's tokens [B, Lc_i, 64] once per run."""
+    layout = layout_of(transformer)
     B = pooled.shape[0]
     device = pooled.device
-    text_hidden = transformer.context_embedder(prompt_embeds.to(dtype))
+    text_hidden = layout.embed_text(prompt_embeds.to(dtype))
     pooled = pooled.to(dtype)
     if not cond_tokens:
         return RunConstants(text_hidden, pooled, [], None, [])
     embedded = []
     for tokens, adapters in zip(cond_tokens, cond_adapters):
-        embedded.append(lora_linear(transformer.x_embedder, tokens.to(dtype), [(0, tokens.shape[1], tuple(adapters))]))
+        embedded.append(layout.embed_latents(tokens.to(dtype), [(0, tokens.shape[1], tuple(adapters))]))
     zeros = torch.zeros(B, device=device)
     ones = torch.ones(B, device=device)
-    cond_temb = _time_embedding(transformer, zeros, ones, pooled, dtype)
+    cond_temb = _time_embedding(layout, zeros, ones, pooled, dtype)
     return RunConstants(text_hidden, pooled, embedded, cond_temb, [tuple(a) for a in cond_adapters])
 
 
 def rotary_embedding(transformer, text_ids: torch.Tensor, image_ids: torch.Tensor,
                      cond_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) [T + L + n*Lc, head_dim] for the sequence [text, image, cond_1..n]."""
-    ids = torch.cat([text_ids, image_ids, *cond_ids], dim=0)
-    return transformer.pos_embed(ids)
+    layout = layout_of(transformer)
+    return rope_tables(torch.cat([text_ids, image_ids, *cond_ids], dim=0), layout.theta, layout.axes_dim)
 
 
 def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, main_len: int, n: int) -> torch.Tensor:
@@ -205,43 +190,43 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, main_le
     return torch.cat([out_main, out_c], dim=2)
 
 
-def _attention(attn, x: torch.Tensor, segments: list[Segment], rope, main_len: int, n: int,
-               text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Multi-branch attention. x [N, S, dim] holds [image, conds] (double blocks, with the text
-    `text` [N, T, dim] through the added projections) or [text, image, conds] (single blocks).
-    Returns attention outputs before the output projections: (x-part [N, S, inner], text-part or None)."""
-    head_dim = attn.head_dim
-    q = lora_linear(attn.to_q, x, segments).unflatten(-1, (-1, head_dim))
-    k = lora_linear(attn.to_k, x, segments).unflatten(-1, (-1, head_dim))
-    v = lora_linear(attn.to_v, x, segments).unflatten(-1, (-1, head_dim))
-    q, k = attn.norm_q(q), attn.norm_k(k)
-    T = 0
-    if text is not None:
-        T = text.shape[1]
-        tq = attn.norm_added_q(attn.add_q_proj(text).unflatten(-1, (-1, head_dim)))
-        tk = attn.norm_added_k(attn.add_k_proj(text).unflatten(-1, (-1, head_dim)))
-        tv = attn.add_v_proj(text).unflatten(-1, (-1, head_dim))
-        q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
-    q = apply_rotary_emb(q, rope, sequence_dim=1)
-    k = apply_rotary_emb(k, rope, sequence_dim=1)
+def _heads(layout, *xs):
+    return tuple(x.unflatten(-1, (-1, layout.head_dim)) for x in xs)
+
+
+def _attend(q, k, v, rope, main_len: int, n: int) -> torch.Tensor:
+    """Rotary embedding, then multi-branch attention of q, k, v [N, S, H, D] -> [N, S, H*D]."""
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # [N, H, S, D] contiguous: CPU SDPA kernels run ~10% faster than on the transposed views
     q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     out = _branch_attention(q, k, v, main_len, n)
-    out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)  # [N, T + S, inner]
-    if text is None:
-        return out, None
+    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+
+def _double_attention(layout, block, x, txt, segments, rope, main_len: int, n: int):
+    """Double-block attention: x [N, S, dim] = [image, conds] through the image projections (LoRA on
+    the condition segments), txt [N, T, dim] through the text projections.
+    Returns the attention outputs before the output projections: (x-part [N, S, inner], text-part)."""
+    q, k, v = _heads(layout, *layout.double_qkv(block, "img", x, segments))
+    q, k = layout.double_qk_norm(block, "img", q, k)
+    tq, tk, tv = _heads(layout, *layout.double_qkv(block, "txt", txt, []))
+    tq, tk = layout.double_qk_norm(block, "txt", tq, tk)
+    T = txt.shape[1]
+    q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
+    out = _attend(q, k, v, rope, main_len, n)
     return out[:, T:], out[:, :T]
 
 
-def _modulations(norm, main_temb: torch.Tensor, cond_temb: torch.Tensor | None, groups, group_index, chunks: int):
+def _modulations(mod_linear, main_temb: torch.Tensor, cond_temb: torch.Tensor | None, groups, group_index, chunks: int):
     """AdaLN parameters: main [chunks x [N, dim]] from the base weights, and per condition
-    [chunks x [N, n, dim]] from the condition embedding with the condition's LoRA adapters."""
+    [chunks x [N, n, dim]] from the condition embedding with the condition's LoRA adapters.
+    mod_linear(emb, segments) is the layout's modulation layer (SiLU included)."""
     rows = [main_temb[:, None]]
     if cond_temb is not None:
         rows += [cond_temb[:, None]] * len(groups)
-    emb = norm.silu(torch.cat(rows, dim=1))  # [N, 1 + G, dim]
     segments = [(1 + g, 2 + g, adapters) for g, adapters in enumerate(groups) if adapters] if cond_temb is not None else []
-    emb = lora_linear(norm.linear, emb, segments)  # [N, 1 + G, chunks*dim]
+    emb = mod_linear(torch.cat(rows, dim=1), segments)  # [N, 1 + G, chunks*dim]
     main = emb[:, 0].chunk(chunks, dim=-1)
     if cond_temb is None:
         return main, None
@@ -263,107 +248,105 @@ def _cond_mod(t):  # [N, n, dim] -> [N, n, 1, dim]
     return t[:, :, None]
 
 
-def _feed_forward(ff, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-    for module in ff.net:
-        x = lora_linear(module, x, segments) if is_lora_layer(module) else module(x)
-    return x
-
-
-def _double_block(block, img, txt, cond, temb, cst: BranchConstants, groups, group_index, rope):
+def _double_block(layout, block, img, txt, cond, temb, cst: BranchConstants, groups, group_index, rope):
     N, L, dim = img.shape
     n = 0 if cond is None else cond.shape[1]
     Lc = 0 if cond is None else cond.shape[2]
     segments = _cond_segments(L, Lc, cst.cond_adapters)
 
-    txt_norm, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = block.norm1_context(txt, emb=temb)
-    main_mod, cond_mod = _modulations(block.norm1, temb, cst.cond_temb, groups, group_index, 6)
+    t_shift_msa, t_scale_msa, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = \
+        layout.double_modulation(block, "txt", temb, []).chunk(6, dim=1)
+    txt_norm = layout.double_norm(block, "txt1", txt) * (1 + t_scale_msa[:, None]) + t_shift_msa[:, None]
+    main_mod, cond_mod = _modulations(lambda e, s: layout.double_modulation(block, "img", e, s),
+                                      temb, cst.cond_temb, groups, group_index, 6)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (_main_mod(m) for m in main_mod)
     if n:
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = (_cond_mod(m) for m in cond_mod)
 
     # [image, conditions] as one sequence, modulated per branch
     x = img.new_empty(N, L + n * Lc, dim)
-    _modulate(block.norm1.norm(img), shift_msa, scale_msa, out=x[:, :L])
+    _modulate(layout.double_norm(block, "img1", img), shift_msa, scale_msa, out=x[:, :L])
     if n:
-        _modulate(block.norm1.norm(cond), c_shift_msa, c_scale_msa, out=x[:, L:].unflatten(1, (n, Lc)))
+        _modulate(layout.double_norm(block, "img1", cond), c_shift_msa, c_scale_msa, out=x[:, L:].unflatten(1, (n, Lc)))
 
-    attn_out, txt_attn = _attention(block.attn, x, segments, rope, txt.shape[1] + L, n, text=txt_norm)
-    attn_out = lora_linear(block.attn.to_out[0], attn_out.contiguous(), segments)
-    attn_out = block.attn.to_out[1](attn_out)
-    txt_attn = block.attn.to_add_out(txt_attn.contiguous())
+    attn_out, txt_attn = _double_attention(layout, block, x, txt_norm, segments, rope, txt.shape[1] + L, n)
+    attn_out = layout.double_out(block, "img", attn_out.contiguous(), segments)
+    txt_attn = layout.double_out(block, "txt", txt_attn.contiguous(), [])
 
     # text branch (base weights only)
     txt = torch.addcmul(txt, txt_attn, t_gate_msa.unsqueeze(1))
-    txt_ff = block.ff_context(_modulate(block.norm2_context(txt), t_shift_mlp[:, None], t_scale_mlp[:, None]))
+    txt_ff = layout.double_mlp(block, "txt", _modulate(layout.double_norm(block, "txt2", txt), t_shift_mlp[:, None],
+                                                       t_scale_mlp[:, None]), [])
     txt = _clip_fp16(torch.addcmul(txt, txt_ff, t_gate_mlp.unsqueeze(1)))
 
     # image and condition branches
     img = torch.addcmul(img, attn_out[:, :L], gate_msa)
     h = x  # reuse the buffer: the attention input is no longer needed
-    _modulate(block.norm2(img), shift_mlp, scale_mlp, out=h[:, :L])
+    _modulate(layout.double_norm(block, "img2", img), shift_mlp, scale_mlp, out=h[:, :L])
     if n:
         cond = torch.addcmul(cond, attn_out[:, L:].unflatten(1, (n, Lc)), c_gate_msa)
-        _modulate(block.norm2(cond), c_shift_mlp, c_scale_mlp, out=h[:, L:].unflatten(1, (n, Lc)))
-    ff_out = _feed_forward(block.ff, h, segments)
+        _modulate(layout.double_norm(block, "img2", cond), c_shift_mlp, c_scale_mlp, out=h[:, L:].unflatten(1, (n, Lc)))
+    ff_out = layout.double_mlp(block, "img", h, segments)
     img = _clip_fp16(torch.addcmul(img, ff_out[:, :L], gate_mlp))
     if n:
         cond = _clip_fp16(torch.addcmul(cond, ff_out[:, L:].unflatten(1, (n, Lc)), c_gate_mlp))
     return img, txt, cond
 
 
-def _single_block_input(block, main, cond, temb, cst: BranchConstants, groups, group_index):
+def _single_block_input(layout, block, main, cond, temb, cst: BranchConstants, groups, group_index):
     """AdaLN-modulated input of a single block for all branches, written into one sequence
     [N, M + n*Lc, dim]; also the gates (main, conditions) and the LoRA segments."""
     N, M, dim = main.shape
     n = 0 if cond is None else cond.shape[1]
     Lc = 0 if cond is None else cond.shape[2]
-    main_mod, cond_mod = _modulations(block.norm, temb, cst.cond_temb, groups, group_index, 3)
+    main_mod, cond_mod = _modulations(lambda e, s: layout.single_modulation(block, e, s),
+                                      temb, cst.cond_temb, groups, group_index, 3)
     shift, scale, gate = (_main_mod(m) for m in main_mod)
     x = main.new_empty(N, M + n * Lc, dim)
-    _modulate(block.norm.norm(main), shift, scale, out=x[:, :M])
+    _modulate(layout.single_norm(block, main), shift, scale, out=x[:, :M])
     c_gate = None
     if n:
         c_shift, c_scale, c_gate = (_cond_mod(m) for m in cond_mod)
-        _modulate(block.norm.norm(cond), c_shift, c_scale, out=x[:, M:].unflatten(1, (n, Lc)))
+        _modulate(layout.single_norm(block, cond), c_shift, c_scale, out=x[:, M:].unflatten(1, (n, Lc)))
     return x, gate, c_gate, _cond_segments(M, Lc, cst.cond_adapters)
 
 
-def _single_block(block, main, cond, temb, cst: BranchConstants, groups, group_index, rope):
+def _single_block(layout, block, main, cond, temb, cst: BranchConstants, groups, group_index, rope):
     """main [N, T+L, dim] (text and image share base weights and embedding), cond [N, n, Lc, dim]."""
     M = main.shape[1]
     n = 0 if cond is None else cond.shape[1]
     Lc = 0 if cond is None else cond.shape[2]
-    x, gate, c_gate, segments = _single_block_input(block, main, cond, temb, cst, groups, group_index)
-    mlp = block.act_mlp(lora_linear(block.proj_mlp, x, segments))
-    attn_out, _ = _attention(block.attn, x, segments, rope, M, n)
-    out = lora_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), segments)
+    x, gate, c_gate, segments = _single_block_input(layout, block, main, cond, temb, cst, groups, group_index)
+    q, k, v, mlp = layout.single_qkv_mlp(block, x, segments)
+    mlp = layout.single_mlp_act(block, mlp)
+    q, k, v = _heads(layout, q, k, v)
+    q, k = layout.single_qk_norm(block, q, k)
+    attn_out = _attend(q, k, v, rope, M, n)
+    out = layout.single_out(block, torch.cat([attn_out, mlp], dim=2), segments)
     main = _clip_fp16(torch.addcmul(main, out[:, :M], gate))
     if n:
         cond = _clip_fp16(torch.addcmul(cond, out[:, M:].unflatten(1, (n, Lc)), c_gate))
     return main, cond
 
 
-def _last_single_block(block, main, cond, temb, cst: BranchConstants, groups, group_index, rope, T: int):
+def _last_single_block(layout, block, main, cond, temb, cst: BranchConstants, groups, group_index, rope, T: int):
     """The last single block, computed for the image branch only: after it only the image tokens are
-    used (norm_out/proj_out), so text and condition tokens contribute just their keys and values.
-    Same result as `_single_block` for the image tokens, with no queries, MLP or output projection
-    for the others."""
+    used (the final layer), so text and condition tokens contribute just their keys and values.
+    Same result as `_single_block` for the image tokens, with (where the layout allows) no queries,
+    MLP or output projection for the others."""
     M = main.shape[1]
-    attn = block.attn
-    head_dim = attn.head_dim
-    x, gate, _, segments = _single_block_input(block, main, cond, temb, cst, groups, group_index)
-    x_img = x[:, T:M]
-    mlp = block.act_mlp(lora_linear(block.proj_mlp, x_img, []))
-    q = attn.norm_q(lora_linear(attn.to_q, x_img, []).unflatten(-1, (-1, head_dim)))
-    k = attn.norm_k(lora_linear(attn.to_k, x, segments).unflatten(-1, (-1, head_dim)))
-    v = lora_linear(attn.to_v, x, segments).unflatten(-1, (-1, head_dim))
+    x, gate, _, segments = _single_block_input(layout, block, main, cond, temb, cst, groups, group_index)
+    q, k, v, mlp = layout.single_qkv_mlp(block, x, segments, query_rows=slice(T, M))
+    mlp = layout.single_mlp_act(block, mlp)
+    q, k, v = _heads(layout, q, k, v)
+    q, k = layout.single_qk_norm(block, q, k)
     cos, sin = rope
-    q = apply_rotary_emb(q, (cos[T:M], sin[T:M]), sequence_dim=1)
-    k = apply_rotary_emb(k, rope, sequence_dim=1)
+    q = apply_rope(q, cos[T:M], sin[T:M])
+    k = apply_rope(k, cos, sin)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     # image queries attend to every branch
     attn_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3).to(x.dtype)
-    out = lora_linear(block.proj_out, torch.cat([attn_out, mlp], dim=2), [])
+    out = layout.single_out(block, torch.cat([attn_out, mlp], dim=2), [])
     return _clip_fp16(torch.addcmul(main[:, T:M], out, gate))
 
 
@@ -372,24 +355,27 @@ def multi_branch_forward(transformer, latents: torch.Tensor, timestep: torch.Ten
                          rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Noise prediction [N, L, 64] for packed latents [N, L, 64].
 
+    transformer: a layout adapter (`flux_layouts`) or a diffusers FluxTransformer2DModel;
     timestep [N] is sigma (t / 1000), guidance [N] the guidance scale (None for models without a
     guidance embedding); `constants` from `RunConstants.whole()` or `.tiles()` (batch N);
     `rope` from `rotary_embedding` for [text, image, conditions].
     """
+    layout = layout_of(transformer)
     dtype = constants.text_hidden.dtype
     groups, group_index = _adapter_groups(constants.cond_adapters)
-    img = lora_linear(transformer.x_embedder, latents.to(dtype), [])
-    temb = _time_embedding(transformer, timestep, guidance, constants.pooled, dtype)
+    img = layout.embed_latents(latents.to(dtype), [])
+    temb = _time_embedding(layout, timestep, guidance, constants.pooled, dtype)
     txt = constants.text_hidden
     cond = constants.cond_hidden
     T = txt.shape[1]
-    for block in transformer.transformer_blocks:
-        img, txt, cond = _double_block(block, img, txt, cond, temb, constants, groups, group_index, rope)
+    for block in layout.double_blocks:
+        img, txt, cond = _double_block(layout, block, img, txt, cond, temb, constants, groups, group_index, rope)
     main = torch.cat([txt, img], dim=1)
-    single_blocks = list(transformer.single_transformer_blocks)
+    single_blocks = layout.single_blocks
     if not single_blocks:
-        return transformer.proj_out(transformer.norm_out(img, temb))
+        return layout.final(img, temb)
     for block in single_blocks[:-1]:
-        main, cond = _single_block(block, main, cond, temb, constants, groups, group_index, rope)
-    img = _last_single_block(single_blocks[-1], main, cond, temb, constants, groups, group_index, rope, T)
-    return transformer.proj_out(transformer.norm_out(img, temb))
+        main, cond = _single_block(layout, block, main, cond, temb, constants, groups, group_index, rope)
+    img = _last_single_block(layout, block=single_blocks[-1], main=main, cond=cond, temb=temb, cst=constants,
+                             groups=groups, group_index=group_index, rope=rope, T=T)
+    return layout.final(img, temb)

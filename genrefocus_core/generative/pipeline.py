@@ -22,14 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from . import lora as lora_files
-from .condition_tokens import ConditionTokens, encode_condition, pack_latents, token_grid, unpack_latents, vae_decode
+from .condition_tokens import (ConditionTokens, encode_condition, pack_latents, token_grid, unpack_latents, vae_codec,
+                               vae_decode)
 from ..basics.defocus import network_condition
 from ..basics.errors import InputError, ModelFileError
 from ..basics.images import bchw_to_bhwc, bhwc_to_bchw, crop, pad_to_multiple, to_image_batch, to_map_batch
+from .flux_layouts import BflLayout
 from .multi_branch_forward import prepare_constants
-from .stages import APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR, PRE_DEBLUR_ADAPTER, deblur_adapter
-from .sampling import (DenoiseInputs, ProgressCallback, SamplerSettings, check_noise, denoise, initial_noise,
-                       resolve_seed, use_tiling)
+from .stages import ADAPTERS, APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR, PRE_DEBLUR_ADAPTER, deblur_adapter
+from .sampling import (DenoiseInputs, ProgressCallback, SamplerSettings, SequenceSize, check_noise, denoise,
+                       initial_noise, resolve_seed, use_tiling)
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +42,19 @@ PRE_DEBLUR_DELTA = (0, 32)
 
 
 class GenRefocusPipeline:
-    """DeblurNet / BokehNet sampling on a diffusers FluxTransformer2DModel with LoRA adapters.
+    """DeblurNet / BokehNet sampling on FLUX with the GenRefocus LoRA adapters.
 
-    transformer: FluxTransformer2DModel with the stage adapters loaded (`lora.load_lora` or
-        `self.load_lora`); vae: diffusers AutoencoderKL of FLUX; prompt_embeddings: mapping
+    transformer: a diffusers FluxTransformer2DModel with the stage adapters loaded as peft adapters
+        (`lora.load_lora` or `self.load_lora`), or a `flux_layouts.BflLayout` (BFL-layout FLUX, e.g.
+        ComfyUI's) whose `lora` (`lora_slices.LoraSlices`) holds them; then device and dtype must be given.
+    vae: diffusers AutoencoderKL of FLUX, or any VAE codec (`condition_tokens.DiffusersVae` says what
+        one provides); prompt_embeddings: mapping
         {stage name: emb} of objects with `.prompt_embeds [1, 512, D]`, `.pooled [1, P]`,
         `.text_ids [512, 3]` (prompt_embedding.PromptEmbedding).
     device: where the models run (default: the offloader's device, else the transformer's);
     dtype: compute dtype (default: the offloader's, else the transformer's weight dtype);
-    offload: a memory.Offloader (or anything with `.stage(module)` context managers), or None.
+    offload: a memory.Offloader (or anything with `.stage(module, work)` context managers; `work` is a
+        `SequenceSize` for the transformer's stage, None for the VAE's), or None.
     """
 
     def __init__(self, transformer, vae, prompt_embeddings: Mapping, *, device=None, dtype=None, offload=None):
@@ -58,6 +64,9 @@ class GenRefocusPipeline:
         self.offload = offload
         if device is None:
             device = getattr(offload, "execution_device", None) if offload is not None else None
+        native = isinstance(transformer, BflLayout)
+        if native and (device is None or dtype is None):
+            raise ValueError("A BFL-layout transformer needs the pipeline's device and dtype.")
         if device is None:
             param = next(transformer.parameters())
             device = param.device if param.device.type != "meta" else torch.device("cpu")
@@ -74,25 +83,39 @@ class GenRefocusPipeline:
     # ------------------------------------------------------------------ adapters
     def load_lora(self, path, adapter_name: str) -> list[str]:
         """Load a LoRA file as a named adapter (a name of `stages.ADAPTERS`)."""
+        if isinstance(self.transformer, BflLayout):
+            return self.transformer.lora.load_file(path, adapter_name)
         return lora_files.load_lora(self.transformer, path, adapter_name)
 
     def use_lora_files(self, files) -> None:
         """Adapters exactly `files` ({adapter: path}); only changed files are read (`lora.use_lora_files`)."""
-        lora_files.use_lora_files(self.transformer, files)
+        lora_files.use_lora_files(self.transformer.lora if isinstance(self.transformer, BflLayout)
+                                  else self.transformer, files)
 
     def unload_lora(self, adapter_name: str | None = None) -> None:
-        lora_files.unload_lora(self.transformer, adapter_name)
+        if isinstance(self.transformer, BflLayout):
+            self.transformer.lora.unload(adapter_name)
+        else:
+            lora_files.unload_lora(self.transformer, adapter_name)
 
     @property
     def adapters(self) -> list[str]:
+        if isinstance(self.transformer, BflLayout):
+            return self.transformer.lora.adapters
         return lora_files.loaded_adapters(self.transformer)
 
+    def _require_adapters(self, names) -> None:
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise ModelFileError(f"The '{missing[0]}' LoRA is not loaded (needs {ADAPTERS[missing[0]].file}); "
+                                 f"loaded adapters: {self.adapters or 'none'}.")
+
     # ------------------------------------------------------------------ helpers
-    def _stage(self, module):
+    def _stage(self, module, work: SequenceSize | None = None):
         if self.offload is None:
             from contextlib import nullcontext
             return nullcontext(module)
-        return self.offload.stage(module)
+        return self.offload.stage(module, work) if work is not None else self.offload.stage(module)
 
     def _prompt(self, stage: str):
         try:
@@ -122,8 +145,7 @@ class GenRefocusPipeline:
         return pack_latents(noise.contiguous()), vae_gen
 
     def _encode(self, images_bchw: torch.Tensor, adapters, delta, generator, *, rgb=True, spatial=True) -> ConditionTokens:
-        vae_dtype = next(self.vae.parameters()).dtype
-        x = images_bchw.to(device=self.device, dtype=vae_dtype)
+        x = images_bchw.to(device=self.device, dtype=vae_codec(self.vae).dtype)
         cond = encode_condition(self.vae, x, adapters, delta, rgb=rgb, generator=generator, spatial=spatial)
         cond.tokens = cond.tokens.to(self.device)
         return cond
@@ -132,7 +154,10 @@ class GenRefocusPipeline:
                 cols: int, guidance: float, settings: SamplerSettings, callback) -> torch.Tensor:
         emb = self._prompt(stage_prompt)
         B = latents.shape[0]
-        with torch.no_grad(), self._stage(self.transformer):
+        tiled = use_tiling(settings, rows, cols)
+        work = SequenceSize(B, rows * cols, len(conditions), emb.prompt_embeds.shape[1],
+                            settings.tile_size ** 2 if tiled else None, settings.tile_batch)
+        with torch.no_grad(), self._stage(self.transformer, work):
             prompt_embeds = emb.prompt_embeds.to(self.device).expand(B, -1, -1)
             pooled = emb.pooled.to(self.device).expand(B, -1)
             constants = prepare_constants(self.transformer, prompt_embeds, pooled,
@@ -165,7 +190,7 @@ class GenRefocusPipeline:
         image = to_image_batch(image, "image")
         B, H, W, _ = image.shape
         adapter = deblur_adapter(variant, self.adapters, pre_deblurred is not None)
-        lora_files.require_adapters(self.transformer, [adapter])
+        self._require_adapters([adapter])
 
         x, size = self._padded(image)
         rows, cols = token_grid(*x.shape[-2:])
@@ -217,7 +242,7 @@ class GenRefocusPipeline:
         if bool(in_focus.all()):
             return image.clone()
         adapters = [BOKEH_ADAPTER.name] + ([APERTURE_ADAPTER.name] if aperture is not None else [])
-        lora_files.require_adapters(self.transformer, adapters)
+        self._require_adapters(adapters)
 
         x, size = self._padded(image)
         rows, cols = token_grid(*x.shape[-2:])

@@ -27,6 +27,7 @@ import torch
 
 from .condition_tokens import position_ids, unpack_latents
 from ..basics.errors import InputError
+from .flux_layouts import layout_of
 from .multi_branch_forward import RunConstants, multi_branch_forward, rotary_embedding
 
 # FlowMatchEulerDiscreteScheduler settings of FLUX.1-dev.
@@ -192,6 +193,31 @@ def check_noise(noise: torch.Tensor, batch: int, rows: int, cols: int, channels:
     return noise.float().expand(batch, -1, -1, -1)
 
 
+@dataclass(frozen=True)
+class SequenceSize:
+    """The size of one stage's transformer forwards, for memory estimates: `batch` images of
+    `image_tokens` tokens with `conditions` condition branches (each as long as the image, or as one
+    tile) and `text_tokens` of text; tiled: `tile_tokens` per tile, `tile_batch` tiles per forward."""
+
+    batch: int
+    image_tokens: int
+    conditions: int
+    text_tokens: int
+    tile_tokens: int | None = None
+    tile_batch: int = 1
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in one forward."""
+        return self.batch * (self.tile_batch if self.tile_tokens else 1)
+
+    @property
+    def sequence_tokens(self) -> int:
+        """Tokens of one sequence: text + image (or tile) + conditions."""
+        image = self.tile_tokens or self.image_tokens
+        return self.text_tokens + image * (1 + self.conditions)
+
+
 @dataclass
 class DenoiseInputs:
     """Everything the denoising loop needs besides the latents.
@@ -218,6 +244,7 @@ def denoise(transformer, latents: torch.Tensor, inputs: DenoiseInputs, settings:
     prediction_hook(step index, noise prediction [B, L, 64]) sees each step's (blended) prediction.
     """
     settings.validated()
+    transformer = layout_of(transformer)  # once per run (a BFL layout maps its modules once)
     B, L, _ = latents.shape
     rows, cols = inputs.rows, inputs.cols
     if L != rows * cols:
