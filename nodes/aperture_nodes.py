@@ -11,8 +11,8 @@ SHAPE_CHOICES = list(apertures.SHAPES) + ["custom"]
 
 class GenRefocusApertureShape:
     DESCRIPTION = ("The lens aperture's shape, i.e. the shape of out-of-focus highlights: circle, n-blade polygon "
-                   "(rotation, rounded blades), triangle, star, heart, cat-eye, or any custom shape from an image "
-                   "or mask (white = open).")
+                   "(rotation, rounded blades), triangle, star, heart, cat-eye, annular (mirror lens: ring bokeh), "
+                   "or any custom shape from an image or mask (white = open), kept exactly as drawn.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -40,8 +40,12 @@ class GenRefocusApertureShape:
                 "custom_image": ("IMAGE", tip("Custom shape (shape 'custom'): white = open part of the aperture; "
                                               "the first image of a batch is used.")),
                 "custom_mask": ("MASK", tip("Custom shape as a mask (shape 'custom'); used when no custom_image.")),
-                "threshold": ("FLOAT", tip("Custom shape: brightness above which a pixel is open.",
+                "threshold": ("FLOAT", tip("Custom shape: brightness above which a pixel is open. The shape is "
+                                           "used exactly as drawn, holes and rings included.",
                                            default=0.5, min=0.0, max=1.0, step=0.01)),
+                "annular_inner_ratio": ("FLOAT", tip("Annular (mirror lens): radius of the round central "
+                                                     "obstruction as a fraction of the outer radius; the bokeh "
+                                                     "become rings.", default=0.45, min=0.0, max=0.95, step=0.01)),
             },
         }
 
@@ -52,7 +56,9 @@ class GenRefocusApertureShape:
     CATEGORY = CATEGORY
 
     def make(self, shape, blades, rotation_deg, curvature, star_points, star_inner_ratio, cat_eye_strength,
-             cat_eye_direction_deg, preview_size, custom_image=None, custom_mask=None, threshold=0.5):
+             cat_eye_direction_deg, preview_size, custom_image=None, custom_mask=None, threshold=0.5,
+             annular_inner_ratio=0.45):
+        source = None
         if shape == "custom":
             source = custom_image if custom_image is not None else custom_mask
             if source is None:
@@ -62,21 +68,12 @@ class GenRefocusApertureShape:
                 source = source[0].float().mean(-1)
             elif source.ndim == 3:  # MASK [B,H,W]
                 source = source[0]
-            ap = apertures.from_image(source, threshold=threshold)
-        elif shape == "circle":
-            ap = apertures.circle()
-        elif shape == "polygon":
-            ap = apertures.polygon(blades=blades, rotation_deg=rotation_deg, curvature=curvature)
-        elif shape == "triangle":
-            ap = apertures.triangle(rotation_deg=rotation_deg)
-        elif shape == "star":
-            ap = apertures.star(points=star_points, inner_ratio=star_inner_ratio, rotation_deg=rotation_deg)
-        elif shape == "heart":
-            ap = apertures.heart(rotation_deg=rotation_deg)
-        elif shape == "cat_eye":
-            ap = apertures.cat_eye(strength=cat_eye_strength, direction_deg=cat_eye_direction_deg)
-        else:
+        if shape not in SHAPE_CHOICES:
             raise InputError(f"Aperture Shape: unknown shape {shape!r}; choose one of {SHAPE_CHOICES}.")
+        ap = apertures.make_aperture(shape, blades=blades, rotation_deg=rotation_deg, curvature=curvature,
+                                     points=star_points, inner_ratio=star_inner_ratio, strength=cat_eye_strength,
+                                     direction_deg=cat_eye_direction_deg, hole_ratio=annular_inner_ratio,
+                                     mask=source, threshold=threshold)
         preview = ap.condition_image(preview_size, preview_size)
         return (ap, preview)
 

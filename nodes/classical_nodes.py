@@ -1,8 +1,8 @@
 """ClassicalBokeh: the physically based depth-of-field renderer (no weights, CPU or GPU)."""
 from __future__ import annotations
 
-
-from genrefocus_core.classical.renderer import QUALITY_PRESETS, render_bokeh
+from genrefocus_core.classical.renderer import (HIGHLIGHT_BOOST_DEFAULT, HIGHLIGHT_THRESHOLD_DEFAULT, QUALITY_PRESETS,
+                                               render_bokeh)
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch
 
@@ -20,12 +20,16 @@ class GenRefocusClassicalBokeh:
             "required": {
                 "image": ("IMAGE", tip("The sharp (all-in-focus) image to refocus.")),
                 "defocus": (DEFOCUS, tip("Blur radius map from Defocus Map (its sign tells front from back).")),
-                "highlight_boost": ("FLOAT", tip("Brighten clipped highlights before blurring so they bloom like "
-                                                 "the point lights they were (0 = off).",
-                                                 default=0.0, min=0.0, max=20.0, step=0.1)),
-                "highlight_threshold": ("FLOAT", tip("Linear brightness above which a pixel counts as a clipped "
-                                                     "highlight for highlight_boost.",
-                                                     default=0.9, min=0.0, max=0.999, step=0.01)),
+                "highlight_boost": ("FLOAT", tip("Give clipped highlights back the light their pixels could not "
+                                                 "hold, so they bloom like the point lights they were: 0 = off, "
+                                                 "1 = a point light's bokeh disc as bright as the light (energy "
+                                                 "kept), above 1 brighter (discs clip). Only pixels above "
+                                                 "highlight_threshold that are blurred change.",
+                                                 default=HIGHLIGHT_BOOST_DEFAULT, min=0.0, max=20.0, step=0.05)),
+                "highlight_threshold": ("FLOAT", tip("Linear brightness (brightest channel) above which a pixel "
+                                                     "counts as a clipped highlight for highlight_boost.",
+                                                     default=HIGHLIGHT_THRESHOLD_DEFAULT, min=0.0, max=0.999,
+                                                     step=0.01)),
                 "colorspace": (["srgb", "linear"], tip("'srgb' for ordinary images (blurred in linear light); "
                                                        "'linear' if the image data is already linear.",
                                                        default="srgb")),
@@ -40,6 +44,15 @@ class GenRefocusClassicalBokeh:
                                                        default="balanced")),
                 "flip_front": ("BOOLEAN", tip("Turn the aperture shape by 180 degrees in front of the focal plane, "
                                               "as a real lens does.", default=True)),
+                "cat_eye_across_frame": ("FLOAT", tip("Cat's-eye bokeh towards the frame's edges (mechanical "
+                                                      "vignetting): the aperture is clipped more the farther from "
+                                                      "the centre, by up to this much at the corners. 0 = off.",
+                                                      default=0.0, min=0.0, max=0.95, step=0.01)),
+                "grain": ("FLOAT", tip("Add the noise/grain measured in the sharp region where the image was "
+                                       "blurred, so blurred areas do not look plastic: 0 = off, 1 = matched.",
+                                       default=0.0, min=0.0, max=4.0, step=0.05)),
+                "grain_seed": ("INT", tip("Seed of the added grain (the same seed gives the same grain).",
+                                          default=0, min=0, max=2 ** 32 - 1, step=1)),
             },
         }
 
@@ -50,7 +63,8 @@ class GenRefocusClassicalBokeh:
     CATEGORY = CATEGORY
 
     def render(self, image, defocus, highlight_boost, highlight_threshold, colorspace, aperture=None,
-               max_radius=0.0, quality="balanced", flip_front=True):
+               max_radius=0.0, quality="balanced", flip_front=True, cat_eye_across_frame=0.0, grain=0.0,
+               grain_seed=0):
         if not isinstance(defocus, DefocusData):
             raise InputError("Classical Bokeh: 'defocus' must come from the Defocus Map node.")
         img = to_image_batch(image, "image")
@@ -60,7 +74,7 @@ class GenRefocusClassicalBokeh:
         out = render_bokeh(img.to(device), defocus_px=coc.to(device), aperture=aperture, colorspace=colorspace,
                            highlight_boost=highlight_boost, highlight_threshold=highlight_threshold,
                            max_radius=max_radius if max_radius > 0 else None, quality=quality,
-                           flip_front=flip_front)
+                           flip_front=flip_front, vignetting=cat_eye_across_frame, grain=grain, grain_seed=grain_seed)
         return (out.float().cpu().clamp(0, 1),)
 
 

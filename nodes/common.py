@@ -1,7 +1,7 @@
 """Types, data carriers and small helpers shared by the node modules (no ComfyUI imports)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,9 +56,8 @@ class DefocusData:
 
     signed_coc: torch.Tensor
     disparity: torch.Tensor
-    focus_disparity: torch.Tensor
-    K: float
-    extra: dict = field(default_factory=dict)
+    focus_disparity: torch.Tensor  # [B]
+    K: torch.Tensor  # [B]: blur level per image (a lens focused elsewhere blurs differently)
 
     @property
     def defocus_px(self) -> torch.Tensor:

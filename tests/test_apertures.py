@@ -145,5 +145,8 @@ def test_make_aperture_by_name():
     assert apertures.make_aperture("star", points=6).params["points"] == 6
     with pytest.raises(InputError):
         apertures.make_aperture("banana")
-    with pytest.raises(InputError):
-        apertures.make_aperture("circle", blades=3)
+    # each shape reads its own settings (the node and the CLI pass all of theirs)
+    assert apertures.make_aperture("circle", blades=3, hole_ratio=0.3).params == {"shape": "circle"}
+    assert apertures.make_aperture("annular", hole_ratio=0.3).params["inner_ratio"] == 0.3
+    with pytest.raises(InputError, match="mask"):
+        apertures.make_aperture("custom")

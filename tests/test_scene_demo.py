@@ -64,3 +64,20 @@ def test_render_command(tmp_path):
     with pytest.raises(InputError):
         cli_render.main(["render", "--image", str(tmp_path / "in.png"), "--depth", str(tmp_path / "nope.npy"),
                          "--out", str(out)])
+
+
+def test_render_disparity_file_reads_as_depth_sources(tmp_path):
+    """`render --disparity` places a relative disparity map in the scene as Depth From Image does (one
+    conversion in the core), not a 0..1 rescale of its own."""
+    import torch
+
+    from genrefocus_core.cli.focus_options import disparity_from_args
+    from genrefocus_core.depth.sources import disparity_from_external
+    rel = torch.linspace(3.0, 250.0, 40 * 30).reshape(30, 40)
+    np.save(tmp_path / "rel.npy", rel.numpy())
+    args = cli_render.build_parser().parse_args(["--image", "x.png", "--out", "y.png", "--disparity",
+                                                 str(tmp_path / "rel.npy")])
+    disp, metric = disparity_from_args(args, (30, 40))
+    assert not metric
+    assert torch.equal(disp, disparity_from_external(rel, kind="disparity", scale="relative", size=(30, 40), batch=1))
+    assert float(disp.max()) == pytest.approx(1.0) and float(disp.min()) == pytest.approx(1 / 20)

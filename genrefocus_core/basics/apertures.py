@@ -1,15 +1,17 @@
 """Aperture shapes for bokeh: circle, bladed polygons, triangle, star, heart, cat-eye, user masks.
 
-Every shape is star-shaped around its centre and described by its radial function rho(theta): the
-distance from the centre to the outline along direction theta, scaled so that the largest distance
+Most shapes are star-shaped around their centre and described by their radial function rho(theta):
+the distance from the centre to the outline along direction theta, scaled so that the largest distance
 (the circumradius) is 1. Angles are in image coordinates (x to the right, y down), so a positive
 rotation turns the shape clockwise on screen. "Radius r" always means circumradius r pixels.
 
-From rho follows the gauge g(x) = |x| / rho(angle of x): the circumradius at which the outline passes
-through x. The gauge gives two rasterisations:
-- `kernel(r)`: supersampled coverage of {g <= r}, normalised to sum 1 (what users see and export);
-- `ramp_kernel(r, width)`: clamp(0.5 - (g - r) / width, 0, 1), normalised. Its half-maximum contour
-  is exactly the outline at r, and mixing two such kernels at radii r1 < r2 (width >= r2 - r1) moves
+Every shape has an edge coordinate e(x, r): a signed distance in pixels from the outline of the shape
+at circumradius r, <= 0 inside. For star-shaped ones it is g(x) - r with the gauge g(x) = |x| /
+rho(angle of x), the circumradius at which the outline passes through x; shapes with holes (annular,
+mirror lens) and user masks (kept exactly as drawn) have their own. It gives two rasterisations:
+- `kernel(r)`: supersampled coverage of {e <= 0}, normalised to sum 1 (what users see and export);
+- `ramp_kernel(r, width)`: clamp(0.5 - e / width, 0, 1), normalised. Its half-maximum contour is
+  exactly the outline at r, and mixing two such kernels at radii r1 < r2 (width >= r2 - r1) moves
   that contour continuously, which is how the renderer gets sub-pixel CoC accuracy from a few layers.
 """
 from __future__ import annotations
@@ -20,55 +22,79 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
 
 RadialFn = Callable[[torch.Tensor], torch.Tensor]
+EdgeFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 # Ramp kernels put half maximum this far (px) outside the outline: ties on the outline count as inside.
 OUTLINE_EPS = 2e-3
 # Radial functions given as tables are sampled at this many angles (linear interpolation between).
 _TABLE_SIZE = 4096
-# Rays traced through a user's mask to find its outline.
-_MASK_RAYS = 2048
 
 
 class Aperture:
-    """A star-shaped aperture outline with circumradius 1 around its centre.
+    """An aperture outline with circumradius 1 around its centre.
 
     name: short label; params: the parameters it was built from (for display and serialisation);
-    radial: rho(theta) -> (0, 1] for angles in radians (image coordinates, y down).
+    radial: rho(theta) -> (0, 1] for angles in radians (image coordinates, y down), for star-shaped
+    shapes; edge: e(dx, dy, radius) -> signed distance in px from the outline (<= 0 inside), for the
+    others (then radial is None).
     """
 
-    def __init__(self, name: str, radial: RadialFn, params: dict | None = None, mask: np.ndarray | None = None):
+    def __init__(self, name: str, radial: RadialFn | None, params: dict | None = None, mask: np.ndarray | None = None,
+                 edge: EdgeFn | None = None):
+        if (radial is None) == (edge is None):
+            raise ValueError("An aperture is given by exactly one of radial and edge.")
         self.name = name
         self.params = dict(params or {})
         self._radial = radial
-        self._mask = mask  # the user's original mask, if any (kept for the condition image)
+        self._edge = edge
+        self._mask = mask  # the user's original mask, if any
         self._ramp_cache: dict = {}  # ramp_kernel results: renders ask for the same levels again and again
 
     def __repr__(self) -> str:
         return f"Aperture({self.name!r}, {self.params})"
 
     # -- geometry -------------------------------------------------------------------------------
+    @property
+    def star_shaped(self) -> bool:
+        """True when the outline is a radial function around the centre (no holes, no hidden notches)."""
+        return self._radial is not None
+
     def radial(self, theta: torch.Tensor) -> torch.Tensor:
-        """rho(theta): outline distance at circumradius 1, same shape as theta."""
+        """rho(theta): outline distance at circumradius 1, same shape as theta (star-shaped only)."""
+        if self._radial is None:
+            raise InputError(f"The {self.name} aperture is not star-shaped: it has no radial function.")
         return self._radial(theta)
 
     def gauge(self, dx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         """Circumradius (px) at which the outline passes through offset (dx, dy) from the centre."""
         dist = torch.sqrt(dx * dx + dy * dy)
-        rho = self._radial(torch.atan2(dy, dx)).clamp_min(1e-6)
+        rho = self.radial(torch.atan2(dy, dx)).clamp_min(1e-6)
         return dist / rho
+
+    def edge(self, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> torch.Tensor:
+        """Signed distance-like coordinate (px) of offsets (dx, dy) from the outline at circumradius
+        `radius`: 0 on it, < 0 inside, growing by about 1 per pixel across it."""
+        if self._edge is not None:
+            return self._edge(dx, dy, float(radius))
+        return self.gauge(dx, dy) - float(radius)
 
     def inside(self, dx, dy, radius: float) -> torch.Tensor:
         """Boolean: offsets (dx, dy) inside the shape scaled to circumradius `radius`."""
         dx = torch.as_tensor(dx, dtype=torch.float64)
         dy = torch.as_tensor(dy, dtype=torch.float64)
-        return self.gauge(dx, dy) <= radius
+        return self.edge(dx, dy, radius) <= 0
 
     def area_unit(self, samples: int = 8192) -> float:
         """Area of the shape at circumradius 1 (pi for a circle)."""
+        if self._radial is None:  # count pixel centres at a large radius
+            big = 256.0
+            xx, yy = self._grid(int(big) + 1, 1, None, torch.float64)
+            return float((self.edge(xx, yy, big) <= 0).sum()) / (big * big)
         theta = torch.linspace(-math.pi, math.pi, samples + 1, dtype=torch.float64)[:-1]
         rho = self._radial(theta)
         return float(0.5 * (rho * rho).mean() * 2 * math.pi)
@@ -93,7 +119,7 @@ class Aperture:
             return torch.ones(1, 1, device=device, dtype=dtype)
         half = int(math.ceil(radius))
         xx, yy = self._grid(half, supersample, device, torch.float64)
-        cov = (self.gauge(xx, yy) <= radius).to(torch.float64)
+        cov = (self.edge(xx, yy, radius) <= 0).to(torch.float64)
         n = 2 * half + 1
         cov = cov.reshape(n, supersample, n, supersample).mean(dim=(1, 3))
         if cov.sum() <= 0:  # a degenerate sliver at tiny radius: fall back to the centre pixel
@@ -113,7 +139,7 @@ class Aperture:
             return cached
         half = int(math.ceil(radius + 0.5 * width + OUTLINE_EPS))
         xx, yy = self._grid(half, 1, device, torch.float64)
-        k = (0.5 - (self.gauge(xx, yy) - radius - OUTLINE_EPS) / width).clamp(0.0, 1.0)
+        k = (0.5 - (self.edge(xx, yy, radius) - OUTLINE_EPS) / width).clamp(0.0, 1.0)
         if k.sum() <= 0:
             k[half, half] = 1.0
         k = (k / k.sum() if normalize else k).to(dtype)
@@ -133,7 +159,7 @@ class Aperture:
         ys = (torch.arange(height * ss, dtype=torch.float64) + 0.5) / ss - height / 2.0
         xs = (torch.arange(width * ss, dtype=torch.float64) + 0.5) / ss - width / 2.0
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        cov = (self.gauge(xx, yy) <= radius).to(torch.float32)
+        cov = (self.edge(xx, yy, radius) <= 0).to(torch.float32)
         cov = cov.reshape(height, ss, width, ss).mean(dim=(1, 3))
         return cov[None, :, :, None].expand(1, height, width, 3).contiguous()
 
@@ -284,6 +310,13 @@ def vignetted(aperture: "Aperture", strength: float, direction_deg: float = 0.0)
         return aperture
     ang = math.radians(direction_deg)
     ox, oy = s * math.cos(ang), s * math.sin(ang)
+    name = "cat-eye" if aperture.name == "circle" else f"{aperture.name} (vignetted)"
+    params = {**aperture.params, "cat_eye_strength": s, "direction_deg": float(direction_deg)}
+    if not aperture.star_shaped:  # intersection with the offset circle, on the edge coordinates
+        def edge(dx, dy, r):
+            return torch.maximum(aperture.edge(dx, dy, r), torch.hypot(dx - ox * r, dy - oy * r) - r)
+
+        return Aperture(name, None, params, edge=edge)
     base = aperture.radial
 
     def fn(theta: torch.Tensor) -> torch.Tensor:
@@ -292,8 +325,7 @@ def vignetted(aperture: "Aperture", strength: float, direction_deg: float = 0.0)
         t = proj + torch.sqrt(proj * proj + 1.0 - s * s)
         return torch.minimum(base(theta), t)
 
-    name = "cat-eye" if aperture.name == "circle" else f"{aperture.name} (vignetted)"
-    return Aperture(name, fn, {**aperture.params, "cat_eye_strength": s, "direction_deg": float(direction_deg)})
+    return Aperture(name, fn, params)
 
 
 def cat_eye(strength: float = 0.5, direction_deg: float = 0.0) -> Aperture:
@@ -304,14 +336,31 @@ def cat_eye(strength: float = 0.5, direction_deg: float = 0.0) -> Aperture:
     return ap
 
 
-def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = None) -> Aperture:
-    """Any user shape from an image or mask (array/tensor [H,W], [H,W,C], PIL image; bright = open).
+def annular(inner_ratio: float = 0.45, outer: "Aperture | None" = None) -> Aperture:
+    """Ring aperture, as a mirror (catadioptric) lens: `outer` (default a circle) with a round central
+    obstruction of inner_ratio times the circumradius. Its out-of-focus highlights are rings."""
+    a = float(inner_ratio)
+    if not (math.isfinite(a) and 0.0 <= a <= 0.95):
+        raise InputError(f"Annular inner_ratio must be in [0, 0.95], got {inner_ratio}.")
+    base = outer if outer is not None else circle()
+    if a == 0.0:
+        return base
 
-    The shape is centred on its area centroid and scaled to circumradius 1. The outline is traced
-    along rays from the centroid, so the shape is used as star-shaped around it (a notch or hole that
-    the centre cannot see is filled). circumradius_px: the mask's own circumradius in pixels if known
-    (e.g. (n - 1) / 2 for an n x n kernel whose shape touches its border); default: the traced maximum.
-    An image with nothing in it is an InputError.
+    def edge(dx, dy, r):
+        return torch.maximum(base.edge(dx, dy, r), a * r - torch.hypot(dx, dy))
+
+    return Aperture("annular", None, {**base.params, "shape": "annular", "inner_ratio": a}, edge=edge)
+
+
+def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = None) -> Aperture:
+    """Any user shape from an image or mask (array/tensor [H,W], [H,W,C], PIL image; bright = open),
+    kept exactly as drawn: holes, rings, notches and separate parts stay (the outline is where the
+    bilinearly interpolated mask crosses `threshold`).
+
+    The shape is centred on its area centroid and scaled to circumradius 1. circumradius_px: the
+    mask's own circumradius in pixels if known (e.g. (n - 1) / 2 for an n x n kernel whose shape
+    touches its border); default: the largest distance from the centroid to the outline. An image with
+    nothing in it is an InputError.
     """
     from .images import to_map_batch
     m = to_map_batch(mask, "aperture shape")
@@ -332,59 +381,95 @@ def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = Non
                             indexing="ij")
     cx = float((weights * xs).sum() / weights.sum())
     cy = float((weights * ys).sum() / weights.sum())
-    # trace rays from the centroid: the largest distance where the mask is above threshold
-    theta = -math.pi + 2 * math.pi * torch.arange(_MASK_RAYS, dtype=torch.float32) / _MASK_RAYS
-    max_t = math.hypot(h, w)
-    steps = torch.arange(0, max_t, 0.25, dtype=torch.float32)
-    px = cx + torch.cos(theta)[:, None] * steps[None]
-    py = cy + torch.sin(theta)[:, None] * steps[None]
-    vals = _bilinear(m.float(), px, py)
-    hit = vals > threshold
-    t_last = torch.where(hit, steps[None].expand_as(hit), torch.zeros_like(px)).max(dim=1).values
-    # refine to sub-pixel: half a step beyond the last sample that was inside
-    table = torch.where(t_last > 0, t_last + 0.125, torch.full_like(t_last, 0.125)).to(torch.float64)
-    if circumradius_px is not None:
-        if not (float(circumradius_px) > 0):
-            raise InputError(f"circumradius_px must be positive, got {circumradius_px}.")
-        table = (table / float(circumradius_px)).clamp(1e-4, 1.0)
-    else:
-        table = _normalise_table(table, "aperture shape")
-    name = "custom"
-    return Aperture(name, _table_radial(table), {"shape": "custom", "size": [int(h), int(w)]},
-                    mask=m.numpy().astype(np.float32))
+    field = _MaskField(m, float(threshold), cx, cy, circumradius_px)
+    return Aperture("custom", None, {"shape": "custom", "size": [int(h), int(w)]},
+                    mask=m.numpy().astype(np.float32), edge=field.edge)
 
 
-def _bilinear(img: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sample img [H,W] at float coordinates (pixel centres at integers), zero outside."""
-    h, w = img.shape
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    out = torch.zeros_like(x)
-    for dy_, wy in ((0, 1 - fy), (1, fy)):
-        for dx_, wx in ((0, 1 - fx), (1, fx)):
-            xi, yi = (x0 + dx_).long(), (y0 + dy_).long()
-            ok = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-            v = img[yi.clamp(0, h - 1), xi.clamp(0, w - 1)]
-            out = out + torch.where(ok, v, torch.zeros_like(v)) * wx * wy
-    return out
+# Long side (cells) of the grid on which a user mask's signed distance field is computed.
+_MASK_GRID = 192
 
 
-SHAPES = ("circle", "polygon", "triangle", "star", "heart", "cat_eye")
+class _MaskField:
+    """Signed distance (in circumradius units) to the outline of a mask, on a grid of about _MASK_GRID
+    cells: the outline is located to sub-cell precision where the interpolated mask crosses the
+    threshold, and each cell gets its distance to the nearest outline point (negative inside)."""
+
+    def __init__(self, m: torch.Tensor, threshold: float, cx: float, cy: float, circumradius_px):
+        h, w = m.shape
+        f = _MASK_GRID / max(h, w)
+        size = (max(1, round(h * f)), max(1, round(w * f)))
+        fine = F.interpolate(m[None, None], size=size, mode="bilinear" if f >= 1 else "area",
+                             **({"align_corners": False} if f >= 1 else {}))[0, 0]
+        fy, fx = size[0] / h, size[1] / w
+        v = F.pad(fine, (1, 1, 1, 1)) - threshold  # a closed cell border: outside the image is closed
+        pts = []
+        for a, b, along in ((v[:, :-1], v[:, 1:], "x"), (v[:-1, :], v[1:, :], "y")):
+            iy, ix = torch.nonzero((a > 0) != (b > 0), as_tuple=True)
+            va, vb = a[iy, ix], b[iy, ix]
+            t = va / (va - vb)
+            py, px = (iy.double(), ix.double() + t) if along == "x" else (iy.double() + t, ix.double())
+            pts.append(torch.stack([px, py], 1))
+        # outline points in mask pixels (cell centre i of the padded grid is mask coordinate (i - 1 + 0.5) / f - 0.5)
+        p = torch.cat(pts)
+        p_mask = torch.stack([(p[:, 0] - 0.5) / fx - 0.5, (p[:, 1] - 0.5) / fy - 0.5], 1)
+        reach = float(torch.hypot(p_mask[:, 0] - cx, p_mask[:, 1] - cy).max())
+        if circumradius_px is not None:
+            if not (float(circumradius_px) > 0):
+                raise InputError(f"circumradius_px must be positive, got {circumradius_px}.")
+            reach = float(circumradius_px)
+        self.R, self.cx, self.cy, self.fx, self.fy = reach, cx, cy, fx, fy
+        gy, gx = torch.meshgrid(torch.arange(v.shape[0], dtype=torch.float64),
+                                torch.arange(v.shape[1], dtype=torch.float64), indexing="ij")
+        cells = torch.stack([gx.flatten(), gy.flatten()], 1)
+        scale = torch.tensor([1.0 / fx, 1.0 / fy], dtype=torch.float64)  # cell -> mask pixels per axis
+        dist = torch.cat([torch.cdist(c * scale, p * scale).amin(1) for c in cells.split(4096)])
+        self.sdf = torch.where(v.flatten() > 0, -dist, dist).view(v.shape) / reach  # circumradius units
+
+    def edge(self, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> torch.Tensor:
+        r = max(float(radius), 1e-6)
+        # offsets at circumradius r -> padded grid cells
+        gx = ((self.cx + dx / r * self.R) + 0.5) * self.fx + 0.5
+        gy = ((self.cy + dy / r * self.R) + 0.5) * self.fy + 0.5
+        H, W = self.sdf.shape
+        cxg, cyg = gx.clamp(0, W - 1), gy.clamp(0, H - 1)
+        x0, y0 = cxg.floor().clamp(max=W - 2), cyg.floor().clamp(max=H - 2)
+        tx, ty = cxg - x0, cyg - y0
+        x0, y0 = x0.long(), y0.long()
+        sdf = self.sdf.to(dx.dtype)
+        val = ((sdf[y0, x0] * (1 - tx) + sdf[y0, x0 + 1] * tx) * (1 - ty)
+               + (sdf[y0 + 1, x0] * (1 - tx) + sdf[y0 + 1, x0 + 1] * tx) * ty)
+        outside = torch.hypot((gx - cxg) / self.fx, (gy - cyg) / self.fy) / self.R  # beyond the grid
+        return (val + outside) * r
 
 
-def make_aperture(shape: str = "circle", **params) -> Aperture:
-    """Build an aperture by name: circle | polygon (blades, rotation_deg, curvature) | hexagon |
-    triangle | star (points, inner_ratio) | heart | cat_eye (strength, direction_deg)."""
-    shape = str(shape).lower().replace("-", "_")
-    builders = {"circle": circle, "polygon": polygon, "triangle": triangle, "star": star, "heart": heart,
-                "cat_eye": cat_eye}
-    if shape == "hexagon":
-        return polygon(6, **params)
-    if shape == "pentagon":
-        return polygon(5, **params)
-    if shape not in builders:
-        raise InputError(f"Unknown aperture shape {shape!r}; choose one of {', '.join(SHAPES)}, hexagon, pentagon.")
-    try:
-        return builders[shape](**params)
-    except TypeError as e:
-        raise InputError(f"Aperture {shape}: {e}") from None
+SHAPES = ("circle", "polygon", "triangle", "star", "heart", "cat_eye", "annular")
+
+
+def make_aperture(shape: str = "circle", *, blades: int = 6, rotation_deg: float = 0.0, curvature: float = 0.0,
+                  points: int = 5, inner_ratio: float = 0.5, strength: float = 0.5, direction_deg: float = 0.0,
+                  hole_ratio: float = 0.45, mask=None, threshold: float = 0.5) -> Aperture:
+    """Build an aperture by name from the settings of all shapes (each shape reads its own; the node and
+    the CLI pass everything they have): circle | polygon (blades, rotation_deg, curvature) | hexagon |
+    pentagon | triangle (rotation_deg) | star (points, inner_ratio, rotation_deg) | heart (rotation_deg) |
+    cat_eye (strength, direction_deg) | annular (hole_ratio: a mirror lens's central obstruction) |
+    custom (mask, threshold: any image, kept as drawn)."""
+    name = str(shape).lower().replace("-", "_")
+    if name in ("hexagon", "pentagon"):
+        return polygon(6 if name == "hexagon" else 5, rotation_deg, curvature)
+    builders = {
+        "circle": lambda: circle(),
+        "polygon": lambda: polygon(blades, rotation_deg, curvature),
+        "triangle": lambda: triangle(rotation_deg),
+        "star": lambda: star(points, inner_ratio, rotation_deg),
+        "heart": lambda: heart(rotation_deg),
+        "cat_eye": lambda: cat_eye(strength, direction_deg),
+        "annular": lambda: annular(hole_ratio),
+        "custom": lambda: from_image(mask, threshold=threshold),
+    }
+    if name not in builders:
+        raise InputError(f"Unknown aperture shape {shape!r}; choose one of {', '.join(SHAPES)}, hexagon, pentagon, "
+                         "custom.")
+    if name == "custom" and mask is None:
+        raise InputError("The custom aperture needs a mask or image (white = open).")
+    return builders[name]()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -20,6 +21,8 @@ from .images import resize_map, to_map_batch
 log = logging.getLogger(__name__)
 
 MAX_COC = 100.0
+# Pixels whose blur radius is below this are in focus: the classical renderer returns them exactly.
+IN_FOCUS_RADIUS = 0.5
 # Blur levels above this are accepted but almost certainly a slip (the paper's slider stops at 50).
 K_WARN = 1000.0
 
@@ -180,12 +183,84 @@ def resolve_focus(disparity, mode: str | None = None, *, point=None, normalized:
 focus_disparity = resolve_focus  # the name of earlier releases
 
 
-def signed_coc(disparity, disp_focus, K: float) -> torch.Tensor:
-    """Signed CoC radius in pixels [B,H,W]: K * (disparity - focus); > 0 in front of focus."""
-    K = check_blur_level(K)
+def signed_coc(disparity, disp_focus, K, *, band=None, near_scale: float = 1.0,
+               far_scale: float = 1.0) -> torch.Tensor:
+    """Signed CoC radius in pixels [B,H,W]: K * (disparity - focus); > 0 in front of focus.
+
+    K: a blur level or one per image. band: (front, back) disparity extents [B] (see `in_focus_band`)
+    of a band around the focal plane kept sharp: zero blur inside, and outside it the blur grows from
+    the band's edge, K * (disparity - edge), so it stays continuous. near_scale / far_scale multiply
+    the blur in front of / behind the focal plane (1 = the lens; 0 = sharp on that side).
+    """
     disp = to_map_batch(disparity, "disparity")
+    B = disp.shape[0]
+    k = _per_image([check_blur_level(x) for x in torch.as_tensor(K, dtype=torch.float64).flatten().tolist()],
+                   B, "Blur level K").to(disp).view(-1, 1, 1)
     f = torch.as_tensor(disp_focus, dtype=disp.dtype, device=disp.device).reshape(-1, 1, 1)
-    return K * (disp - f)
+    d = disp - f
+    if band is not None:
+        front, back = (torch.as_tensor(x, dtype=disp.dtype, device=disp.device).reshape(-1, 1, 1) for x in band)
+        d = torch.where(d > front, d - front, torch.where(d < -back, d + back, torch.zeros_like(d)))
+    near, far = (_scale(x, name) for x, name in ((near_scale, "near_scale"), (far_scale, "far_scale")))
+    if near != 1.0 or far != 1.0:
+        d = d * torch.where(d > 0, near, far)
+    return k * d
+
+
+def _scale(x, name: str) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {x!r}.") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise InputError(f"{name} must be a finite number >= 0 (1 = unchanged, 0 = no blur), got {x}.")
+    return v
+
+
+def in_focus_band(focus, *, range_m: float = 0.0, range_fraction: float = 0.0, metric: bool = True,
+                  disparity=None, depth_range: tuple[float, float] | None = None):
+    """(front, back) disparity extents [B] of the band of depths kept sharp around the focal plane.
+
+    range_m: the band's depth in metres, centred on the focus distance D: from D - range_m / 2 (the
+      whole foreground when that is <= 0) to D + range_m / 2. Needs metric depth; a focal plane at
+      infinity has no band in metres.
+    range_fraction: the band's width as a fraction of the scene's disparity range (the 0-1 depth
+      slider's units), centred on the focal plane: of `depth_range` (nearest, farthest) or else of
+      `disparity`'s whole batch (as `resolve_focus`).
+    At most one of them may be non-zero; (0, 0) = no band.
+    """
+    f = torch.as_tensor(focus, dtype=torch.float32).flatten()
+    range_m, range_fraction = _scale(range_m, "in-focus range (m)"), _scale(range_fraction, "in-focus range fraction")
+    if range_m > 0 and range_fraction > 0:
+        raise InputError("Give the in-focus range in metres or as a fraction, not both.")
+    zero = torch.zeros_like(f)
+    if range_m > 0:
+        if not metric:
+            raise InputError("An in-focus range in metres needs metric depth; this depth is relative. Give it as a "
+                             "fraction of the depth range instead.")
+        dist = 1.0 / f.double()  # inf at disparity 0
+        near, far = dist - range_m / 2, dist + range_m / 2
+        front = torch.where(near > 0, 1.0 / near.clamp_min(1e-300), torch.full_like(near, math.inf)) - f.double()
+        back = f.double() - 1.0 / far
+        front = torch.where(torch.isinf(dist), zero.double(), front)
+        back = torch.where(torch.isinf(dist), zero.double(), back)
+        return front.float(), back.float()
+    if range_fraction > 0:
+        if range_fraction > 1:
+            raise InputError(f"In-focus range fraction must be in [0, 1], got {range_fraction}.")
+        if depth_range is None:
+            if disparity is None:
+                raise InputError("An in-focus range as a fraction needs the disparity (or depth_range) it is a "
+                                 "fraction of.")
+            depth_range = disparity_range(disparity)
+        half = 0.5 * range_fraction * abs(float(depth_range[0]) - float(depth_range[1]))
+        return zero + half, zero + half
+    return zero, zero
+
+
+def in_focus_mask(signed: torch.Tensor) -> torch.Tensor:
+    """[B,H,W] float 1 where the blur radius is below IN_FOCUS_RADIUS (rendered exactly sharp), else 0."""
+    return (signed.abs() < IN_FOCUS_RADIUS).float()
 
 
 def defocus_map(disparity, disp_focus, K: float) -> torch.Tensor:
@@ -205,15 +280,74 @@ def blur_level_from_lens(f_number: float, focal_length_mm: float, sensor_width_m
 
     Thin lens: a point at distance D has CoC radius r = f^2 / (2 N (D_f - f)) * D_f * |1/D - 1/D_f|
     on the sensor (all lengths in mm). In pixels multiply by long edge px / sensor width mm. With
-    disparity in 1/m, 1/D[mm] = disparity / 1000, so K = f^2 D_f / (2 N (D_f - f)) * px/mm / 1000.
+    disparity in 1/m, 1/D[mm] = disparity / 1000, so K = f^2 / (2 N (1 - f / D_f)) * px/mm / 1000;
+    focus_distance_m = inf (focused at infinity) gives the limit f^2 / (2 N) * px/mm / 1000.
     """
     for name, v in (("f-number", f_number), ("focal length", focal_length_mm), ("sensor width", sensor_width_mm),
-                    ("focus distance", focus_distance_m), ("image size", image_long_edge_px)):
+                    ("image size", image_long_edge_px)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InputError(f"Lens parameter {name} must be a positive number, got {v!r}.")
+    if not (isinstance(focus_distance_m, (int, float)) and float(focus_distance_m) > 0):
+        raise InputError(f"Lens focus distance must be a positive number of metres (inf = infinity), "
+                         f"got {focus_distance_m!r}.")
     f = float(focal_length_mm)
-    d_f = float(focus_distance_m) * 1000.0
-    if d_f <= f:
+    ratio = f / (float(focus_distance_m) * 1000.0)  # 0 at infinity
+    if ratio >= 1.0:
         raise InputError(f"Focus distance {focus_distance_m} m is inside the focal length {f} mm: nothing can be in focus.")
     px_per_mm = float(image_long_edge_px) / float(sensor_width_mm)
-    return f * f * d_f / (2.0 * float(f_number) * (d_f - f)) * px_per_mm / 1000.0
+    return f * f / (2.0 * float(f_number) * (1.0 - ratio)) * px_per_mm / 1000.0
+
+
+@dataclass(frozen=True)
+class Lens:
+    """A thin lens: f-number, focal length and sensor width (36 mm = full frame)."""
+
+    f_number: float
+    focal_length_mm: float
+    sensor_width_mm: float = 36.0
+
+    def blur_levels(self, focus, image_long_edge_px: int) -> torch.Tensor:
+        """K per image [B] for a lens focused at each focal plane (disparity 0 = infinity)."""
+        f = torch.as_tensor(focus, dtype=torch.float64).flatten()
+        return torch.tensor([blur_level_from_lens(self.f_number, self.focal_length_mm, self.sensor_width_mm,
+                                                  1.0 / d if d > 0 else math.inf, image_long_edge_px)
+                             for d in f.tolist()], dtype=torch.float32)
+
+
+@dataclass
+class Defocus:
+    """A defocus map and what made it: signed CoC radius [B,H,W] in px (> 0 in front of the focal
+    plane), focal-plane disparity [B] and blur level K [B] (per image: a lens focused elsewhere
+    blurs differently)."""
+
+    signed_coc: torch.Tensor
+    focus_disparity: torch.Tensor
+    K: torch.Tensor
+
+
+def build_defocus(disparity, focus, *, K: float | None = None, lens: Lens | None = None, metric: bool = True,
+                  in_focus_m: float = 0.0, in_focus_fraction: float = 0.0, near_scale: float = 1.0,
+                  far_scale: float = 1.0, depth_range: tuple[float, float] | None = None) -> Defocus:
+    """The lens rules in one place (nodes and CLI): focal plane `focus` [B] (from `resolve_focus`),
+    blur level K or a thin lens focused on that plane (needs metric depth), an in-focus band and
+    near/far blur scales -> Defocus."""
+    disp = to_map_batch(disparity, "disparity")
+    B, H, W = disp.shape
+    f = torch.as_tensor(focus, dtype=torch.float32).flatten().to(disp.device)
+    if f.numel() == 1:
+        f = f.expand(B).clone()
+    if f.numel() != B or not torch.isfinite(f).all():
+        raise InputError(f"Focus disparity: expected {B} finite values, got {focus}.")
+    if lens is not None:
+        if K is not None:
+            raise InputError("Give the blur as a level K or as a lens, not both.")
+        if not metric:
+            raise InputError("Lens blur needs metric depth (1/m disparity); this depth is relative. Give the blur "
+                             "level K instead, or use a metric depth source.")
+        ks = lens.blur_levels(f, max(H, W))
+    else:
+        ks = _per_image(check_blur_level(20.0 if K is None else K), B, "Blur level K")
+    band = in_focus_band(f, range_m=in_focus_m, range_fraction=in_focus_fraction, metric=metric, disparity=disp,
+                         depth_range=depth_range)
+    coc = signed_coc(disp, f, ks, band=band, near_scale=near_scale, far_scale=far_scale)
+    return Defocus(signed_coc=coc, focus_disparity=f, K=ks)

@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from ..basics.apertures import Aperture, circle, vignetted
-from ..basics.defocus import check_blur_level, focus_disparity as focus_from, signed_coc
+from ..basics.defocus import IN_FOCUS_RADIUS, check_blur_level, resolve_focus, signed_coc
 from ..basics.errors import InputError
 from ..basics.images import fill_with_median, resize_map, to_image_batch, to_map_batch
+from .grain import add_matched_grain
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,8 @@ QUALITY_PRESETS = {"fast": (0.25, 4.0, UNIT_STEP_RADIUS), "balanced": (LEVEL_STE
                    "best": (0.0625, 16.0, 16.0)}
 # Radii are capped at this fraction of the image's long edge (a bigger blur is a uniform wash).
 MAX_RADIUS_FRACTION = 0.5
-# Pixels with |r| below this are in focus: copied exactly when the render differs from them by no
-# more than EXACT_TOLERANCE (FFT rounding; light from other levels changes them by more).
-IN_FOCUS_RADIUS = 0.5
+# Pixels with |r| below IN_FOCUS_RADIUS are in focus: copied exactly when the render differs from them
+# by no more than EXACT_TOLERANCE (FFT rounding; light from other levels changes them by more).
 EXACT_TOLERANCE = 1e-5
 
 
@@ -710,7 +710,7 @@ def signed_radius_map(image_hw: tuple[int, int], batch: int, disparity=None, foc
     disp = to_map_batch(disparity, "disparity", batch=batch).to(device)
     disp = _fit_map(_clean_map(disp, "Disparity map"), image_hw, "Disparity map")
     if focus_disparity is None:
-        focus = focus_from(disp)
+        focus = resolve_focus(disp)
     else:
         focus = torch.as_tensor(focus_disparity, dtype=torch.float32, device=disp.device).flatten()
         if not torch.isfinite(focus).all():
@@ -719,6 +719,50 @@ def signed_radius_map(image_hw: tuple[int, int], batch: int, disparity=None, foc
             raise InputError(f"Focus disparity: expected 1 or {batch} values, got {focus.numel()}.")
         focus = focus.expand(batch)
     return signed_coc(disp, focus, K)
+
+
+# The highlight boost of the node and the CLI (render_bokeh itself defaults to 0, the plain blur): a
+# clipped point light's bokeh disc half as bright as the light (1 = as bright).
+HIGHLIGHT_BOOST_DEFAULT = 0.5
+HIGHLIGHT_THRESHOLD_DEFAULT = 0.9
+
+
+def highlight_gain(lin: torch.Tensor, radius: torch.Tensor, boost: float, threshold: float) -> torch.Tensor:
+    """Gain [B,H,W,1] of the linear light of each pixel before blurring, for highlight_boost.
+
+    A clipped highlight held more light than its pixel shows; blurred, that light spreads over the
+    bokeh disc and comes out dim. The gain acts only on pixels whose brightest linear channel is above
+    `threshold` (weight t rising smoothly from 0 there to 1 at white) and fills the disc back towards
+    the highlight's own brightness: with density n = the mean of t over a square of the disc's area
+    pi r^2 around the pixel, gain = 1 + boost * t * (min(1 / n, pi r^2) - 1). An isolated point light at boost 1 gets
+    gain ~ pi r^2, so its disc is as bright as the light was; a large bright area (n = 1) and in-focus
+    pixels (area <= 1) get none. Energy is kept: the renderer spreads each pixel's boosted light
+    without loss, and below boost 1 no disc of an isolated highlight exceeds its source (nothing clips).
+    """
+    B, H, W, _ = lin.shape
+    t = ((lin.amax(dim=-1) - threshold) / (1.0 - threshold)).clamp(0, 1)
+    t = t * t * (3 - 2 * t)
+    if not bool((t > 0).any()):
+        return torch.ones(B, H, W, 1, dtype=lin.dtype, device=lin.device)
+    # box of side 2h + 1 with about the disc's area: h = round(r sqrt(pi) / 2)
+    h = (radius.abs().to(torch.float64) * (math.sqrt(math.pi) / 2)).round().long()
+    sat = F.pad(t.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))  # [B,H+1,W+1]
+    ys = torch.arange(H, device=lin.device).view(1, H, 1)
+    xs = torch.arange(W, device=lin.device).view(1, 1, W)
+    y0, y1 = (ys - h).clamp(0, H), (ys + h + 1).clamp(0, H)
+    x0, x1 = (xs - h).clamp(0, W), (xs + h + 1).clamp(0, W)
+    flat = sat.view(B, -1)
+    stride = W + 1
+
+    def corner(y, x):
+        return flat.gather(1, (y * stride + x).view(B, -1)).view(B, H, W)
+
+    total = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)
+    area = ((y1 - y0) * (x1 - x0)).to(torch.float64)
+    disc = (math.pi * radius.to(torch.float64) ** 2).clamp_min(1.0)  # the box only approximates it
+    spread = torch.minimum(area / total.clamp_min(1e-12), disc)  # 1 / density, at most the disc's area
+    gain = 1.0 + float(boost) * t.to(torch.float64) * (spread - 1.0).clamp_min(0.0)
+    return gain.to(lin.dtype)[..., None]
 
 
 VIGNETTING_GRID = 5
@@ -749,8 +793,9 @@ def _vignetting_regions(aperture: Aperture, strength: float, H: int, W: int):
 
 def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, aperture: Aperture | None = None,
                  *, defocus_px=None, colorspace: str = "srgb", highlight_boost: float = 0.0,
-                 highlight_threshold: float = 0.9, max_radius: float | None = None,
-                 quality: str = "balanced", flip_front: bool = True, vignetting: float = 0.0) -> torch.Tensor:
+                 highlight_threshold: float = HIGHLIGHT_THRESHOLD_DEFAULT, max_radius: float | None = None,
+                 quality: str = "balanced", flip_front: bool = True, vignetting: float = 0.0, grain: float = 0.0,
+                 grain_seed: int = 0) -> torch.Tensor:
     """Refocus `image` [B,H,W,3] (anything `to_image_batch` takes) -> [B,H,W,3] in [0,1].
 
     Blur: either disparity [B,H,W] (1/m, bigger = nearer) + focus_disparity (scalar or [B]; None = the
@@ -761,12 +806,17 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     aperture: an `apertures.Aperture` (None = circle). The shape is used as given behind the focal
     plane and turned by 180 degrees in front of it (as in a real lens) unless flip_front=False.
     colorspace: "srgb" (photos: blur in linear light) or "linear" (data already linear).
-    highlight_boost: > 0 brightens near-white pixels (linear value above highlight_threshold) before
-    blurring, by up to 1 + boost times, so clipped highlights bloom like the point lights they were.
+    highlight_boost: clipped highlights (brightest linear channel above highlight_threshold) get back the
+    light their pixels could not hold, so they bloom like the point lights they were: 0 = off, 1 = an
+    isolated highlight's bokeh disc as bright as the highlight (energy kept, nothing clips), above 1
+    brighter still (discs clip). Only pixels above the threshold and blurred are changed
+    (`highlight_gain`).
     max_radius: cap on |r| in px (default: half the long edge); larger radii are capped with a warning.
     vignetting: 0..1, cat's-eye bokeh towards the frame's edges: the aperture is clipped by an offset
     circle whose offset grows linearly from 0 at the centre to `vignetting` at the corners, pointing to
     the centre (rendered per region of a VIGNETTING_GRID x VIGNETTING_GRID grid).
+    grain: 0 = off; > 0 adds the noise measured in the image's sharp region where it was blurred (1 =
+    matched), seeded by grain_seed, so blurred areas do not look plastic (`grain.add_matched_grain`).
     quality: "fast" | "balanced" | "best": depth-level spacing and when coarse grids take over
     (QUALITY_PRESETS); the CoC radius is equally exact in all three, the bokeh edges get crisper
     (edge ramp about 25% / 12% / 6% of the radius at large radii) and the render slower.
@@ -780,6 +830,8 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         raise InputError(f"highlight_boost must be a number >= 0, got {highlight_boost}.")
     if not 0.0 <= float(highlight_threshold) < 1.0:
         raise InputError(f"highlight_threshold must be in [0, 1), got {highlight_threshold}.")
+    if not (math.isfinite(float(grain)) and float(grain) >= 0):
+        raise InputError(f"grain must be a finite number >= 0 (0 = off, 1 = matched), got {grain}.")
     aperture = aperture if aperture is not None else circle()
     if not isinstance(aperture, Aperture):
         raise InputError(f"aperture must be an Aperture (see genrefocus_core.basics.apertures), got {type(aperture).__name__}.")
@@ -805,11 +857,7 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
 
     lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
     if highlight_boost > 0:
-        bright = lin.amax(dim=-1, keepdim=True)
-        t = ((bright - highlight_threshold) / (1.0 - highlight_threshold)).clamp(0, 1)
-        t = t * t * (3 - 2 * t)
-        blur_on = (radius.abs() - IN_FOCUS_RADIUS).clamp(0, 1)[..., None]
-        lin = lin * (1.0 + float(highlight_boost) * t * blur_on)
+        lin = lin * highlight_gain(lin, radius, highlight_boost, highlight_threshold)
 
     engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front,
                             _vignetting_regions(aperture, vignetting, H, W))
@@ -826,4 +874,4 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
         mine, given = flat_out.index_select(0, focus), flat_in.index_select(0, focus)
         same = (mine - given).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE
         flat_out.index_copy_(0, focus, torch.where(same, given, mine))
-    return out
+    return add_matched_grain(out, img, radius, grain, grain_seed) if grain else out

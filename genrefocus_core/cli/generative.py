@@ -15,6 +15,8 @@ import sys
 import time
 
 from ..basics.errors import InputError
+from .focus_options import (add_depth_file_options, add_focus_and_blur_options, check_focus_and_blur,
+                            defocus_from_args, disparity_from_args)
 from ..generative.stages import ADAPTERS, APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR, DEBLUR_ADAPTER
 
 _EPILOG = """examples:
@@ -26,14 +28,6 @@ _EPILOG = """examples:
       --deblur-lora deblurNet.safetensors --bokeh-lora bokehNet.safetensors \\
       --depth-pro models/genrefocus/depth_pro.pt --focus 512,300 --K 20
 """
-
-
-def _pair(text: str, what: str, cast=float):
-    try:
-        a, b = (cast(v) for v in text.split(","))
-    except ValueError:
-        raise InputError(f"{what} must be two comma-separated numbers 'x,y', got {text!r}.") from None
-    return a, b
 
 
 def _flag(adapter) -> str:
@@ -86,20 +80,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         r = p.add_argument_group("refocus")
         r.add_argument("--bokeh-seed", type=int, default=BOKEH.seed,
                        help="seed of the bokeh noise (fixed so that another K/focus changes only the blur)")
-        r.add_argument("--depth", help="depth/disparity file (.npy, .npz, .pfm, .exr, 16-bit PNG, TIFF)")
-        r.add_argument("--depth-kind", choices=("depth", "disparity"), default="depth")
-        r.add_argument("--depth-scale", choices=("metric", "relative"), default="metric")
-        r.add_argument("--depth-near", choices=("auto", "bright", "dark"), default="auto",
-                       help="relative maps: which end is near")
-        r.add_argument("--depth-unit", type=float, default=1.0, help="metric maps: metres per stored unit")
-        r.add_argument("--depth-pro", help="Depth Pro weights (depth_pro.pt or a Hugging Face folder)")
-        r.add_argument("--focus", help="focus point 'x,y' in pixels (default: image centre)")
-        r.add_argument("--focus-norm", help="focus point 'x,y' as fractions of width and height")
-        r.add_argument("--focus-disparity", type=float, help="focus plane as a disparity (1/m)")
-        r.add_argument("--K", type=float, default=20.0, help="blur level (px of CoC radius per 1/m; 0 = none)")
+        r.add_argument("--depth-pro", help="Depth Pro weights (depth_pro.pt or a Hugging Face folder), or --depth")
         r.add_argument("--aperture", help="aperture shape (circle, hexagon, star, heart, ...; needs --aperture-lora)")
         r.add_argument("--save-aif", help="also write the all-in-focus image here")
         r.add_argument("--save-defocus", help="also write the defocus map (px) here as .npy")
+        add_depth_file_options(p, depth_required=False)
+        add_focus_and_blur_options(p)
     return p
 
 
@@ -133,22 +119,17 @@ def _load(args, command: str):
 
 
 def _disparity(args, aif, offload):
-    """Disparity [1, H, W] (1/m or relative) for the all-in-focus image."""
+    """(disparity [1, H, W] (1/m or relative), metric?) for the all-in-focus image."""
     from ..basics.defocus import disparity_from_depth
 
-    _, H, W, _ = aif.shape
-    if args.depth:
-        from ..depth.sources import disparity_from_external, load_depth_file
-
-        raw = load_depth_file(args.depth)
-        return disparity_from_external(raw, kind=args.depth_kind, near=args.depth_near, scale=args.depth_scale,
-                                       unit=args.depth_unit, size=(H, W), batch=1, name=f"depth file {args.depth}")
+    if args.depth or args.disparity:
+        return disparity_from_args(args, tuple(aif.shape[1:3]))
     from ..depth.depth_pro import depth_pro_loaded, estimate_depth
 
     # FLUX is back on the CPU between stages (model/sequential offload), Depth Pro is freed after use.
     with depth_pro_loaded(args.depth_pro, device=offload.device) as model:
         result = estimate_depth(model, aif)
-    return disparity_from_depth(result.depth_m.cpu())
+    return disparity_from_depth(result.depth_m.cpu()), True
 
 
 def run_deblur(args) -> int:
@@ -169,21 +150,15 @@ def run_deblur(args) -> int:
 def run_refocus(args) -> int:
     import numpy as np
 
-    from ..basics.defocus import check_blur_level, defocus_map, focus_disparity
     from ..basics.images import load_image, save_image
 
-    if bool(args.depth) == bool(args.depth_pro):
-        raise InputError("refocus needs exactly one depth source: --depth FILE or --depth-pro WEIGHTS.")
-    if sum(x is not None for x in (args.focus, args.focus_norm, args.focus_disparity)) > 1:
-        raise InputError("Give the focus as one of --focus, --focus-norm or --focus-disparity.")
+    if bool(args.depth or args.disparity) == bool(args.depth_pro):
+        raise InputError("refocus needs exactly one depth source: --depth FILE (or --disparity FILE) or --depth-pro "
+                         "WEIGHTS.")
     if args.aperture and not args.aperture_lora:
         raise InputError("--aperture needs --aperture-lora (the shape adapter trained on top of BokehNet).")
-    K = check_blur_level(args.K)
     image = load_image(args.image)
-    _, H, W, _ = image.shape
-    point = _pair(args.focus, "--focus", int) if args.focus else None
-    if point is not None and not (0 <= point[0] < W and 0 <= point[1] < H):
-        raise InputError(f"Focus point (x={point[0]}, y={point[1]}) lies outside the {W}x{H} image.")
+    check_focus_and_blur(args, tuple(image.shape[1:3]))  # fails now, not after the deblur
     aperture = None
     if args.aperture:
         from ..basics.apertures import make_aperture
@@ -200,17 +175,13 @@ def run_refocus(args) -> int:
     if args.save_aif:
         save_image(aif, args.save_aif)
 
-    disparity = _disparity(args, aif, pipe.offload)
-    if args.focus_disparity is not None:
-        disp_f = focus_disparity(disparity, value=args.focus_disparity)
-    elif args.focus_norm:
-        disp_f = focus_disparity(disparity, point=_pair(args.focus_norm, "--focus-norm"), normalized=True)
-    else:
-        disp_f = focus_disparity(disparity, point=point)
-    defocus = defocus_map(disparity, disp_f, K)
+    disparity, metric = _disparity(args, aif, pipe.offload)
+    d = defocus_from_args(args, disparity, metric)
+    defocus = d.signed_coc.abs()
     if args.save_defocus:
         np.save(args.save_defocus, defocus[0].numpy().astype(np.float32))
-    print(f"focus disparity {float(disp_f[0]):.4g}, max blur radius {float(defocus.max()):.1f} px", file=sys.stderr)
+    print(f"focus disparity {float(d.focus_disparity[0]):.4g}, K {float(d.K[0]):.4g}, max blur radius "
+          f"{float(defocus.max()):.1f} px", file=sys.stderr)
     out = pipe.bokeh(aif, defocus, aperture=aperture, settings=_settings(args, args.bokeh_seed),
                      callback=_progress("bokeh"))
     save_image(out, args.out)

@@ -3,9 +3,9 @@
     python -m genrefocus_core render --image photo.png --depth depth.npy --focus-x 320 --focus-y 200 \
         --K 25 --aperture hexagon --out refocused.png
 
---depth is metric depth in metres (disparity = 1/depth); --disparity is any disparity map (bigger =
-nearer), rescaled to 0..1 so K is "px of blur radius across the whole disparity range". Depth files:
-.npy, .npz, .pfm, .exr, 16-bit PNG/TIFF (see depth_sources.load_depth_file).
+--depth is by default metric depth in metres (see --depth-kind/--depth-scale/--depth-unit); --disparity
+is a relative disparity map (bigger = nearer), placed in a 1..20 m scene as Depth From Image does.
+Depth files: .npy, .npz, .pfm, .exr, 16-bit PNG/TIFF (see depth.sources.load_depth_file).
 """
 from __future__ import annotations
 
@@ -13,60 +13,52 @@ import argparse
 import logging
 import time
 
-import torch
-
 from ..basics import apertures
-from ..classical.renderer import QUALITY_PRESETS, render_bokeh
-from ..basics.defocus import blur_level_from_lens, disparity_from_depth, focus_disparity
-from ..depth.sources import load_depth_file
-from ..basics.errors import InputError
-from ..basics.images import load_image, resize_map, save_image, to_map_batch
+from ..basics.images import load_image, save_image
+from ..classical.renderer import HIGHLIGHT_BOOST_DEFAULT, HIGHLIGHT_THRESHOLD_DEFAULT, QUALITY_PRESETS, render_bokeh
+from .focus_options import add_depth_file_options, add_focus_and_blur_options, defocus_from_args, disparity_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m genrefocus_core render", description=__doc__.split("\n")[0])
     ap.add_argument("--image", required=True, help="input photo (PNG/JPEG/...)")
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--depth", help="metric depth file in metres")
-    src.add_argument("--disparity", help="disparity file (bigger = nearer), rescaled to 0..1")
     ap.add_argument("--out", required=True, help="output image path (.png)")
-    focus = ap.add_argument_group("focus (default: the centre pixel)")
-    focus.add_argument("--focus-x", type=float, help="focus point column (px)")
-    focus.add_argument("--focus-y", type=float, help="focus point row (px)")
-    focus.add_argument("--focus-depth", type=float, help="focus distance in metres (with --depth)")
-    focus.add_argument("--focus-disparity", type=float, help="focus disparity value")
-    focus.add_argument("--focus-mask", help="image whose white part is in focus (median disparity inside)")
-    blur = ap.add_argument_group("blur (K, or a lens with --depth)")
-    blur.add_argument("--K", type=float, help="px of CoC radius per unit of disparity (default 20)")
-    blur.add_argument("--f-number", type=float, help="lens f-number, e.g. 1.8 (needs --focal-length)")
-    blur.add_argument("--focal-length", type=float, help="focal length in mm")
-    blur.add_argument("--sensor-width", type=float, default=36.0, help="sensor width in mm (default 36)")
+    add_depth_file_options(ap, depth_required=True)
+    add_focus_and_blur_options(ap)
     shape = ap.add_argument_group("aperture")
     shape.add_argument("--aperture", default="circle",
-                       help="circle | polygon | hexagon | pentagon | triangle | star | heart | cat_eye")
+                       help=f"{' | '.join(apertures.SHAPES)} | hexagon | pentagon (or --aperture-image)")
     shape.add_argument("--blades", type=int, default=6, help="blades of a polygon aperture")
-    shape.add_argument("--rotation", type=float, default=0.0, help="aperture rotation in degrees (clockwise)")
+    shape.add_argument("--rotation", type=float, default=0.0,
+                       help="aperture rotation in degrees (clockwise); the cut's direction for cat_eye")
     shape.add_argument("--curvature", type=float, default=0.0, help="blade curvature 0..1 (polygon)")
-    shape.add_argument("--aperture-image", help="use this image's bright part as the aperture shape")
-    ap.add_argument("--highlight-boost", type=float, default=1.0, help="bloom of clipped highlights (0 = off)")
-    ap.add_argument("--quality", default="balanced", choices=list(QUALITY_PRESETS))
-    ap.add_argument("--colorspace", default="srgb", choices=["srgb", "linear"])
+    shape.add_argument("--star-points", type=int, default=5, help="points of a star aperture")
+    shape.add_argument("--star-inner-ratio", type=float, default=0.5, help="inner / outer radius of a star")
+    shape.add_argument("--cat-eye-strength", type=float, default=0.5, help="cat_eye: how much of the disc is cut")
+    shape.add_argument("--hole-ratio", type=float, default=0.45,
+                       help="annular (mirror lens): central obstruction / outer radius")
+    shape.add_argument("--aperture-image", help="use this image's bright part as the aperture shape, as drawn")
+    shape.add_argument("--cat-eye-across-frame", type=float, default=0.0,
+                       help="cat's-eye bokeh growing towards the frame's corners, up to this much (0..0.95)")
+    look = ap.add_argument_group("look")
+    look.add_argument("--highlight-boost", type=float, default=HIGHLIGHT_BOOST_DEFAULT,
+                      help=f"light given back to clipped highlights (0 = off, 1 = discs as bright as the light; "
+                      f"default {HIGHLIGHT_BOOST_DEFAULT})")
+    look.add_argument("--highlight-threshold", type=float, default=HIGHLIGHT_THRESHOLD_DEFAULT,
+                      help="linear brightness above which a pixel is a clipped highlight")
+    look.add_argument("--grain", type=float, default=0.0, help="grain matched to the sharp region (0 = off, 1 = matched)")
+    look.add_argument("--grain-seed", type=int, default=0, help="seed of the grain")
+    look.add_argument("--quality", default="balanced", choices=list(QUALITY_PRESETS))
+    look.add_argument("--colorspace", default="srgb", choices=["srgb", "linear"])
     return ap
 
 
-def _aperture(a) -> apertures.Aperture:
-    if a.aperture_image:
-        return apertures.from_image(load_image(a.aperture_image)[0].mean(-1))
-    name = a.aperture.lower().replace("-", "_")
-    if name == "polygon":
-        return apertures.polygon(a.blades, a.rotation, a.curvature)
-    if name in ("hexagon", "pentagon"):
-        return apertures.polygon(6 if name == "hexagon" else 5, a.rotation, a.curvature)
-    if name in ("triangle", "star", "heart"):
-        return apertures.make_aperture(name, rotation_deg=a.rotation)
-    if name == "cat_eye":
-        return apertures.cat_eye(0.5, a.rotation)
-    return apertures.make_aperture(name)
+def aperture_from_args(a) -> apertures.Aperture:
+    mask = load_image(a.aperture_image)[0].mean(-1) if a.aperture_image else None
+    return apertures.make_aperture("custom" if mask is not None else a.aperture, blades=a.blades,
+                                   rotation_deg=a.rotation, curvature=a.curvature, points=a.star_points,
+                                   inner_ratio=a.star_inner_ratio, strength=a.cat_eye_strength,
+                                   direction_deg=a.rotation, hole_ratio=a.hole_ratio, mask=mask)
 
 
 def main(argv) -> int:
@@ -75,54 +67,13 @@ def main(argv) -> int:
     t0 = time.perf_counter()
     image = load_image(a.image)
     h, w = image.shape[1:3]
-    raw = to_map_batch(load_depth_file(a.depth or a.disparity), "depth file")
-    if tuple(raw.shape[-2:]) != (h, w):
-        print(f"note: depth map {raw.shape[-1]}x{raw.shape[-2]} resized to the image size {w}x{h}")
-        raw = resize_map(raw, (h, w))
-    if a.depth:
-        disp = disparity_from_depth(raw)
-    else:
-        finite = raw[torch.isfinite(raw)]
-        if finite.numel() == 0:
-            raise InputError(f"Disparity file {a.disparity} has no finite values.")
-        lo, hi = float(finite.min()), float(finite.max())
-        disp = (raw - lo) / (hi - lo) if hi > lo else torch.zeros_like(raw)
-        disp = torch.nan_to_num(disp, nan=0.5, posinf=1.0, neginf=0.0)
-
-    chosen = [v is not None for v in (a.focus_x, a.focus_depth, a.focus_disparity, a.focus_mask)]
-    if sum(chosen) > 1:
-        raise InputError("Give one focus: --focus-x/--focus-y, --focus-depth, --focus-disparity or --focus-mask.")
-    if (a.focus_x is None) != (a.focus_y is None):
-        raise InputError("--focus-x and --focus-y go together.")
-    if a.focus_x is not None:
-        f = focus_disparity(disp, point=(round(a.focus_x), round(a.focus_y)))
-    elif a.focus_depth is not None:
-        if not a.depth:
-            raise InputError("--focus-depth needs a metric --depth file.")
-        if not a.focus_depth > 0:
-            raise InputError(f"--focus-depth must be positive, got {a.focus_depth}.")
-        f = focus_disparity(disp, value=1.0 / a.focus_depth)
-    elif a.focus_disparity is not None:
-        f = focus_disparity(disp, value=a.focus_disparity)
-    elif a.focus_mask:
-        f = focus_disparity(disp, mask=load_image(a.focus_mask)[0].mean(-1))
-    else:
-        f = focus_disparity(disp)
-
-    if a.f_number is not None or a.focal_length is not None:
-        if a.K is not None:
-            raise InputError("Give either --K or the lens (--f-number, --focal-length), not both.")
-        if not a.depth or a.f_number is None or a.focal_length is None:
-            raise InputError("Lens blur needs --depth (metres), --f-number and --focal-length.")
-        if not float(f[0]) > 0:
-            raise InputError("The focus point is at infinity; a lens cannot be focused there by this formula.")
-        K = blur_level_from_lens(a.f_number, a.focal_length, a.sensor_width, 1.0 / float(f[0]), max(h, w))
-        print(f"lens: K = {K:.2f} px per 1/m")
-    else:
-        K = 20.0 if a.K is None else a.K
-
-    out = render_bokeh(image, disp, f, K, _aperture(a), highlight_boost=a.highlight_boost, quality=a.quality,
-                       colorspace=a.colorspace)
+    aperture = aperture_from_args(a)
+    disp, metric = disparity_from_args(a, (h, w))
+    d = defocus_from_args(a, disp, metric)
+    out = render_bokeh(image, defocus_px=d.signed_coc, aperture=aperture, highlight_boost=a.highlight_boost,
+                       highlight_threshold=a.highlight_threshold, quality=a.quality, colorspace=a.colorspace,
+                       vignetting=a.cat_eye_across_frame, grain=a.grain, grain_seed=a.grain_seed)
     save_image(out, a.out)
-    print(f"wrote {a.out} ({w}x{h}, K={K:g}, focus disparity {float(f[0]):.4g}) in {time.perf_counter() - t0:.2f} s")
+    print(f"wrote {a.out} ({w}x{h}, K={float(d.K[0]):.4g} px per 1/m, focus disparity "
+          f"{float(d.focus_disparity[0]):.4g}) in {time.perf_counter() - t0:.2f} s")
     return 0
