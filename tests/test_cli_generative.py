@@ -155,7 +155,7 @@ def test_deblur_cli_from_comfyui_single_files_in_low_memory_mode(tiny_dir, files
     import shutil
 
     from safetensors.torch import load_file, save_file
-    from test_loading import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
+    from flux_files import diffusers_to_bfl_transformer, diffusers_to_ldm_vae
 
     pipe_dir = tiny_dir / "pipeline"
     bfl = diffusers_to_bfl_transformer(load_file(str(tiny_dir / "transformer.safetensors")), 2, 2)

@@ -1,8 +1,8 @@
 """Loading FLUX parts offline from a diffusers folder and from single files in the original layouts.
 
-The single files are written here from the shared tiny weights by an inverse converter (diffusers ->
-Black Forest Labs / LDM keys, fused qkv, swapped final AdaLN), then loaded back through the public
-loaders and compared weight by weight and output by output.
+The single files are written from the shared tiny weights by the inverse converters of tests/flux_files.py
+(diffusers -> Black Forest Labs / LDM keys, fused qkv, swapped final AdaLN), then loaded back through the
+public loaders and compared weight by weight and output by output.
 """
 import socket
 
@@ -14,88 +14,7 @@ from genrefocus_core.generative import flux_loading as fl
 from genrefocus_core.generative import model_files as mf
 from genrefocus_core.basics.errors import MissingModelFileError, ModelFileError
 
-
-# ------------------------------------------------------------------------------------------------
-# inverse converters (test-only): diffusers layout -> original layouts
-
-def diffusers_to_bfl_transformer(sd: dict, num_layers: int, num_single_layers: int) -> dict:
-    out = {}
-
-    def lin(src, dst):
-        out[f"{dst}.weight"] = sd[f"{src}.weight"]
-        out[f"{dst}.bias"] = sd[f"{src}.bias"]
-
-    def fused(srcs, dst):
-        out[f"{dst}.weight"] = torch.cat([sd[f"{s}.weight"] for s in srcs], 0)
-        out[f"{dst}.bias"] = torch.cat([sd[f"{s}.bias"] for s in srcs], 0)
-
-    lin("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
-    lin("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
-    lin("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
-    lin("time_text_embed.text_embedder.linear_2", "vector_in.out_layer")
-    if "time_text_embed.guidance_embedder.linear_1.weight" in sd:
-        lin("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer")
-        lin("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")
-    lin("context_embedder", "txt_in")
-    lin("x_embedder", "img_in")
-    for i in range(num_layers):
-        d, s = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        lin(f"{d}.norm1.linear", f"{s}.img_mod.lin")
-        lin(f"{d}.norm1_context.linear", f"{s}.txt_mod.lin")
-        fused([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], f"{s}.img_attn.qkv")
-        fused([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], f"{s}.txt_attn.qkv")
-        out[f"{s}.img_attn.norm.query_norm.scale"] = sd[f"{d}.attn.norm_q.weight"]
-        out[f"{s}.img_attn.norm.key_norm.scale"] = sd[f"{d}.attn.norm_k.weight"]
-        out[f"{s}.txt_attn.norm.query_norm.scale"] = sd[f"{d}.attn.norm_added_q.weight"]
-        out[f"{s}.txt_attn.norm.key_norm.scale"] = sd[f"{d}.attn.norm_added_k.weight"]
-        lin(f"{d}.ff.net.0.proj", f"{s}.img_mlp.0")
-        lin(f"{d}.ff.net.2", f"{s}.img_mlp.2")
-        lin(f"{d}.ff_context.net.0.proj", f"{s}.txt_mlp.0")
-        lin(f"{d}.ff_context.net.2", f"{s}.txt_mlp.2")
-        lin(f"{d}.attn.to_out.0", f"{s}.img_attn.proj")
-        lin(f"{d}.attn.to_add_out", f"{s}.txt_attn.proj")
-    for i in range(num_single_layers):
-        d, s = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        lin(f"{d}.norm.linear", f"{s}.modulation.lin")
-        fused([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"], f"{s}.linear1")
-        out[f"{s}.norm.query_norm.scale"] = sd[f"{d}.attn.norm_q.weight"]
-        out[f"{s}.norm.key_norm.scale"] = sd[f"{d}.attn.norm_k.weight"]
-        lin(f"{d}.proj_out", f"{s}.linear2")
-    lin("proj_out", "final_layer.linear")
-    for p in ("weight", "bias"):
-        scale, shift = sd[f"norm_out.linear.{p}"].chunk(2, 0)
-        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale], 0)
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def diffusers_to_ldm_vae(sd: dict, num_blocks: int) -> dict:
-    out = {}
-    for k, v in sd.items():
-        parts = k.split(".")
-        new = k
-        if ".down_blocks." in k:
-            i = parts[2]
-            rest = ".".join(parts[3:])
-            rest = rest.replace("resnets.", "block.").replace("downsamplers.0.", "downsample.")
-            new = f"encoder.down.{i}.{rest}"
-        elif ".up_blocks." in k:
-            i = num_blocks - 1 - int(parts[2])
-            rest = ".".join(parts[3:])
-            rest = rest.replace("resnets.", "block.").replace("upsamplers.0.", "upsample.")
-            new = f"decoder.up.{i}.{rest}"
-        elif ".mid_block.resnets." in k:
-            j = int(parts[3])
-            new = f"{parts[0]}.mid.block_{j + 1}." + ".".join(parts[4:])
-        elif ".mid_block.attentions.0." in k:
-            rest = ".".join(parts[4:])
-            rest = (rest.replace("group_norm.", "norm.").replace("to_q.", "q.").replace("to_k.", "k.")
-                    .replace("to_v.", "v.").replace("to_out.0.", "proj_out."))
-            new = f"{parts[0]}.mid.attn_1.{rest}"
-            if v.ndim == 2:
-                v = v[:, :, None, None]
-        new = new.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
-        out[new] = v.contiguous()
-    return out
+from flux_files import diffusers_to_bfl_transformer, diffusers_to_ldm_vae, write_bfl_transformer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,12 +38,9 @@ def ref_transformer_sd(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def bfl_file(tmp_path_factory, ref_transformer_sd, tiny_cfg):
-    c = tiny_cfg["transformer"]
-    bfl = diffusers_to_bfl_transformer(ref_transformer_sd, c["num_layers"], c["num_single_layers"])
-    path = tmp_path_factory.mktemp("bfl") / "flux1-dev.safetensors"
-    save_file({"model.diffusion_model." + k: v for k, v in bfl.items()}, str(path))
-    return path
+def bfl_file(tmp_path_factory, tiny_dir):
+    return write_bfl_transformer(tiny_dir, tmp_path_factory.mktemp("bfl") / "flux1-dev.safetensors",
+                                 prefix="model.diffusion_model.")
 
 
 def _forward(model, seed=0):
