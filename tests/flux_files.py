@@ -6,7 +6,8 @@ From the diffusers-layout tiny weights of $GENREFOCUS_PARITY_DIR/tiny (see its R
 - `write_gguf_transformer`: the same tensors quantised with the `gguf` package (what ComfyUI-GGUF's
   UnetLoaderGGUF reads; `gguf_tensor_type` says which tensors are quantised);
 - `write_ldm_vae`: the VAE in the original (LDM) layout, like `models/vae/ae.safetensors`;
-- `write_checkpoint`: transformer and VAE in one "checkpoint" file, ComfyUI's prefixes.
+- `write_checkpoint`: transformer and VAE in one "checkpoint" file with the prefixes of ComfyUI's FLUX
+  checkpoints (CheckpointLoaderSimple reads it).
 Writes go to a temporary file in the target folder, then an atomic rename.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_TRANSFORMER_PREFIX = "model.diffusion_model."
-CHECKPOINT_VAE_PREFIX = "first_stage_model."
+CHECKPOINT_VAE_PREFIX = "vae."  # ComfyUI's FLUX checkpoints (SD ones use "first_stage_model.")
 # Quantisation types the gguf package can write (it only dequantises the K-quants, e.g. Q4_K).
 GGUF_QTYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 

@@ -3,7 +3,8 @@
 COMFYUI_DIR names a ComfyUI checkout and COMFYUI_PYTHON the interpreter that runs it (default: this
 one); without COMFYUI_DIR every test here is skipped with the reason printed. The server runs on
 loopback with a temporary base directory: the pack is symlinked into its custom_nodes, the shared tiny
-weights are linked into its models folders in the layout the nodes expect.
+weights are linked into its models folders in the layout the nodes expect, and written as the files of
+ComfyUI's own loaders (native_flux_setup.py; with COMFYUI_GGUF_DIR also ComfyUI-GGUF and GGUF files).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ RUN_TIMEOUT = float(os.environ.get("COMFY_RUN_TIMEOUT", "600"))
 INPUT_SIZE = (120, 168)  # H, W of input/example.png: not multiples of 16, so padding and the crop back run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from native_flux_setup import install_native_flux  # noqa: E402
 from ui_to_api import convert  # noqa: E402
 
 
@@ -283,7 +285,9 @@ def running_server(base: Path, extra_env: dict | None = None):
                 pytest.fail(f"ComfyUI not ready in {START_TIMEOUT} s:\n{server.log_tail()}")
             time.sleep(1)
         log = server.log_path.read_text(errors="replace")
-        assert f"(IMPORT FAILED): {base / 'custom_nodes' / PACK_NAME}" not in log, server.log_tail()
+        for pack in (base / "custom_nodes").iterdir():
+            assert f"(IMPORT FAILED): {pack}" not in log, f"{pack.name} failed to import (its requirements " \
+                f"belong in COMFYUI_PYTHON):\n{server.log_tail()}"
         yield server
     finally:
         try:
@@ -318,7 +322,8 @@ def comfy_server(tmp_path_factory, tiny_dir):
     base = make_base(tmp_path_factory)
     from tiny_depth_pro import build_tiny_depth_pro
     _place_models(base / "models", tiny_dir, build_tiny_depth_pro)
-    with running_server(base) as server:
+    env = install_native_flux(base, tiny_dir)
+    with running_server(base, extra_env=env) as server:
         yield server
 
 
