@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from ..basics import apertures
-from ..classical.renderer import render_bokeh
-from ..basics.defocus import blur_level_from_lens, disparity_from_depth, focus_disparity
+from ..classical.renderer import HIGHLIGHT_BOOST_DEFAULT, render_bokeh
+from ..basics.defocus import blur_level_from_lens, disparity_from_depth, resolve_focus
 from ..basics.errors import InputError
 from ..basics.images import save_image, to_uint8
 from ..basics.scene import make_scene, scene_landmarks
@@ -36,12 +36,13 @@ def demo_jobs(depth: torch.Tensor, disp: torch.Tensor, K: float) -> list[dict]:
     marks = scene_landmarks(h, w)
     z_pillar = float(depth[0, marks["pillar"][1], marks["pillar"][0]])
     k_lens = blur_level_from_lens(1.4, 50.0, 36.0, z_pillar, max(h, w))
-    boost = 2.0
+    boost = HIGHLIGHT_BOOST_DEFAULT
     return [
         dict(label=f"focus near card, K={K:g}, circle", point="near card", K=K, ap=apertures.circle(), boost=boost),
         dict(label=f"focus lights, K={K:g}, circle", point="lights", K=K, ap=apertures.circle(), boost=boost),
         dict(label=f"focus far wall, K={K:g}, circle", point="far wall", K=K, ap=apertures.circle(), boost=boost),
-        dict(label=f"focus near card, K={K / 2:g}", point="near card", K=K / 2, ap=apertures.circle(), boost=boost),
+        dict(label="near card, mirror lens (annular 0.5)", point="near card", K=K, ap=apertures.annular(0.5),
+             boost=boost),
         dict(label="near card, 6 blades, curved 0.15", point="near card", K=K,
              ap=apertures.polygon(6, curvature=0.15), boost=boost),
         dict(label="near card, star", point="near card", K=K, ap=apertures.star(5, 0.45), boost=boost),
@@ -103,7 +104,7 @@ def main(argv) -> int:
     print(f"scene {w}x{h} seed {a.seed}: {time.perf_counter() - t0:.2f} s")
     for i, job in enumerate(demo_jobs(depth, disp, a.K), 1):
         t = time.perf_counter()
-        f = focus_disparity(disp, point=marks[job["point"]])
+        f = resolve_focus(disp, point=marks[job["point"]])
         out_img = render_bokeh(image, disp, f, job["K"], job["ap"], highlight_boost=job["boost"],
                                vignetting=job.get("vignetting", 0.0))
         name = f"render_{i:02d}.png"

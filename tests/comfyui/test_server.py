@@ -258,3 +258,29 @@ def test_changing_the_focus_reruns_only_the_refocus(server):
         assert executed == {ids["GenRefocusDefocusMap"], ids["GenRefocusBokehNet"], ids["SaveImage"]}, executed
     finally:
         ws.close()
+
+
+def test_lens_controls_and_mask_outputs_in_a_real_graph(server):
+    """The shipped classical workflow with the new lens controls set through /prompt: focus by distance,
+    an in-focus band, the annular aperture, cat's eye across the frame and grain; the in-focus MASK
+    output feeds ComfyUI's own MaskToImage and is white on the focused pillar, black elsewhere."""
+    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    ids = {v["class_type"]: k for k, v in api.items()}
+    api[ids["GenRefocusScene"]]["inputs"].update(width=128, height=96)
+    api[ids["GenRefocusDefocusMap"]]["inputs"].update(focus_mode="distance", focus_distance_m=6.0, blur_mode="lens",
+                                                      f_number=1.4, focal_length_mm=200.0, in_focus_range=0.5,
+                                                      in_focus_unit="metres", near_blur=0.7, far_blur=1.3)
+    api[ids["GenRefocusApertureShape"]]["inputs"].update(shape="annular", annular_inner_ratio=0.5)
+    api[ids["GenRefocusClassicalBokeh"]]["inputs"].update(cat_eye_across_frame=0.5, grain=1.0, grain_seed=3)
+    api["900"] = {"class_type": "MaskToImage", "inputs": {"mask": [ids["GenRefocusDefocusMap"], 3]}}
+    api["901"] = {"class_type": "SaveImage", "inputs": {"images": ["900", 0], "filename_prefix": "in_focus"}}
+    h = server.run(api)
+    assert h["status"]["status_str"] == "success", errors_of(h)
+    (item,) = server.outputs_of(h, "901")
+    mask = server.image(item)[..., 0]
+    assert set(np.unique(mask)) <= {0, 255}
+    from genrefocus_core.basics.scene import scene_landmarks
+    x, y = scene_landmarks(96, 128)["pillar"]
+    assert mask[y, x] == 255 and mask.mean() < 0.5 * 255
+    (item,) = server.outputs_of(h, ids["SaveImage"])
+    _check_image(server, item, size=(96, 128))
