@@ -196,3 +196,18 @@ def test_grain_matches_the_sharp_region(scene):
     assert fine(grainy, wall) == pytest.approx(fine(noisy, sharp), rel=0.15)
     assert fine(plain, wall) < 0.5 * fine(noisy, sharp)
     assert torch.equal(render_bokeh(noisy, defocus_px=d.signed_coc, grain=0.0), plain)
+
+
+def test_cat_eye_across_the_frame_clips_drawn_and_annular_apertures():
+    """The position-dependent cat's eye works on apertures with holes too: clipped by the offset circle,
+    the hole kept."""
+    for ap in (apertures.annular(0.5), apertures.from_image(_ring_mask())):
+        eye = apertures.vignetted(ap, 0.6, 0.0)  # offset towards +x (the image centre lies to the right)
+        assert bool(eye.inside(0.75, 0.0, 1.0)) and not bool(eye.inside(-0.75, 0.0, 1.0))
+        assert not bool(eye.inside(0.1, 0.0, 1.0))  # the hole stays
+    img, depth = make_scene(64, 96, seed=1)
+    disp = disparity_from_depth(depth)
+    d = build_defocus(disp, resolve_focus(disp, distance_m=1.6), K=25.0)
+    plain = render_bokeh(img, defocus_px=d.signed_coc, aperture=apertures.annular(0.5))
+    eye = render_bokeh(img, defocus_px=d.signed_coc, aperture=apertures.annular(0.5), vignetting=0.7)
+    assert (plain - eye).abs().mean() > 1e-3

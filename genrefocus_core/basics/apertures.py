@@ -388,6 +388,64 @@ def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = Non
 
 # Long side (cells) of the grid on which a user mask's signed distance field is computed.
 _MASK_GRID = 192
+# Up to this many (cell, outline point) pairs the distance field is computed exactly.
+_EXACT_PAIRS = 60_000_000
+
+
+def _distance_to_points(points: torch.Tensor, shape: tuple[int, int], scale: tuple[float, float]) -> torch.Tensor:
+    """Distance [h, w] from each cell centre (x, y integer) to the nearest of `points` [P, 2] (x, y in cell
+    units), axes scaled by `scale`. Exact (all pairs) up to _EXACT_PAIRS pairs; beyond (masks of noise)
+    jump flooding: each cell keeps the nearest point seen, offered by its neighbours at steps h/2, h/4
+    ... 1 (and 1 again), O(cells log cells), within about a cell of the exact distance."""
+    h, w = shape
+    sx, sy = scale
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    if points.shape[0] * h * w <= _EXACT_PAIRS:
+        axes = torch.tensor([sx, sy], dtype=torch.float64)
+        cells = torch.stack([xs.flatten(), ys.flatten()], 1) * axes
+        return torch.cat([torch.cdist(c, points * axes).amin(1) for c in cells.split(4096)]).view(h, w)
+
+    def dist_to(px, py):
+        return torch.hypot((px - xs) * sx, (py - ys) * sy)
+
+    # seed: each point in the cell it lies nearest to, the point nearest the centre winning
+    cx, cy = points[:, 0].round().long().clamp(0, w - 1), points[:, 1].round().long().clamp(0, h - 1)
+    cell = cy * w + cx
+    d = torch.hypot((points[:, 0] - cx) * sx, (points[:, 1] - cy) * sy)
+    nearest = torch.full((h * w,), math.inf, dtype=torch.float64).scatter_reduce(0, cell, d, "amin")
+    win = d <= nearest[cell]
+    best_x = torch.full((h * w,), math.nan, dtype=torch.float64)
+    best_y = best_x.clone()
+    best_x[cell[win]], best_y[cell[win]] = points[win, 0], points[win, 1]
+    best_x, best_y = best_x.view(h, w), best_y.view(h, w)
+    best = torch.where(torch.isnan(best_x), math.inf, dist_to(best_x, best_y))
+    step = 1 << max(0, (max(h, w) - 1).bit_length() - 1)
+    steps = []
+    while step >= 1:
+        steps.append(step)
+        step //= 2
+    for k in steps + [1]:
+        for dy in (-k, 0, k):
+            for dx in (-k, 0, k):
+                if dy == 0 and dx == 0:
+                    continue
+                ox = _shifted(best_x, dy, dx)
+                oy = _shifted(best_y, dy, dx)
+                cand = torch.where(torch.isnan(ox), math.inf, dist_to(ox, oy))
+                better = cand < best
+                best = torch.where(better, cand, best)
+                best_x, best_y = torch.where(better, ox, best_x), torch.where(better, oy, best_y)
+    return best
+
+
+def _shifted(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """t moved so that out[y, x] = t[y + dy, x + dx]; NaN where that lies outside."""
+    h, w = t.shape
+    out = torch.full_like(t, math.nan)
+    ys, yd = (slice(dy, h), slice(0, h - dy)) if dy >= 0 else (slice(0, h + dy), slice(-dy, h))
+    xs, xd = (slice(dx, w), slice(0, w - dx)) if dx >= 0 else (slice(0, w + dx), slice(-dx, w))
+    out[yd, xd] = t[ys, xs]
+    return out
 
 
 class _MaskField:
@@ -419,12 +477,8 @@ class _MaskField:
                 raise InputError(f"circumradius_px must be positive, got {circumradius_px}.")
             reach = float(circumradius_px)
         self.R, self.cx, self.cy, self.fx, self.fy = reach, cx, cy, fx, fy
-        gy, gx = torch.meshgrid(torch.arange(v.shape[0], dtype=torch.float64),
-                                torch.arange(v.shape[1], dtype=torch.float64), indexing="ij")
-        cells = torch.stack([gx.flatten(), gy.flatten()], 1)
-        scale = torch.tensor([1.0 / fx, 1.0 / fy], dtype=torch.float64)  # cell -> mask pixels per axis
-        dist = torch.cat([torch.cdist(c * scale, p * scale).amin(1) for c in cells.split(4096)])
-        self.sdf = torch.where(v.flatten() > 0, -dist, dist).view(v.shape) / reach  # circumradius units
+        dist = _distance_to_points(p, v.shape, (1.0 / fx, 1.0 / fy))  # in mask pixels
+        self.sdf = torch.where(v > 0, -dist, dist) / reach  # circumradius units
 
     def edge(self, dx: torch.Tensor, dy: torch.Tensor, radius: float) -> torch.Tensor:
         r = max(float(radius), 1e-6)
