@@ -145,6 +145,10 @@ class GenRefocusDefocusMap:
         if in_focus_unit not in BAND_UNITS:
             raise InputError(f"DefocusMap: unknown in_focus_unit {in_focus_unit!r}; use one of {BAND_UNITS}.")
         if focus_mode != "distance" and float(focus_distance_m) > 0:
+            if blur_mode == "lens":  # a lens has one focus: two different choices of it are a contradiction
+                raise InputError(f"DefocusMap: the lens is focused by focus_mode {focus_mode!r} and also at "
+                                 f"focus_distance_m={focus_distance_m} m. Set focus_mode to 'distance' to focus at "
+                                 "that distance, or focus_distance_m to 0 to focus where focus_mode says.")
             log.warning("DefocusMap: focus_distance_m is used with focus_mode 'distance' only; focus_mode is %r.",
                         focus_mode)
         distance = float(focus_distance_m) if float(focus_distance_m) > 0 else math.inf

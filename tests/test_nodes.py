@@ -327,6 +327,9 @@ def test_defocus_map_lens_and_errors(pack):
     assert data.signed_coc[0, 0, 0] == pytest.approx(k[0] * 0.5) and data.signed_coc[1, 0, 0] == pytest.approx(k[1] * 0.75)
     with pytest.raises(InputError, match="metric"):
         node.build(_depth(pack, disp, metric=False), **{**DEFAULTS, "blur_mode": "lens"})
+    # a lens focused both by a point and at a distance: said, not silently resolved one way
+    with pytest.raises(InputError, match="focus_distance_m"):
+        node.build(_depth(pack, disp), **{**DEFAULTS, "blur_mode": "lens", "focus_distance_m": 2.0})
     with pytest.raises(InputError, match="focus_mask"):
         node.build(_depth(pack, disp), **{**DEFAULTS, "focus_mode": "mask"})
     with pytest.raises(InputError, match="focus_x"):
