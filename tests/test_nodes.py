@@ -660,6 +660,10 @@ def test_node_and_cli_agree_on_lens_controls(pack, tmp_path):
     photo = load_image(tmp_path / "in.png")
     maps = sub(pack, "common").DepthMaps(disparity=disparity_from_external(depth, kind="depth", scale="metric"),
                                          metric=True, source="test")
+    spec = _node(pack, "GenRefocusClassicalBokeh").INPUT_TYPES()["required"]
+    defaults = cli_render.build_parser().parse_args(["--image", "a", "--out", "b", "--depth", "c"])
+    assert spec["highlight_boost"][1]["default"] == defaults.highlight_boost > 0  # one shared default
+    assert spec["highlight_threshold"][1]["default"] == defaults.highlight_threshold
     settings = [("6", 6.0), ("inf", 0.0)]
     for cli_distance, node_distance in settings:
         out = tmp_path / f"cli_{cli_distance}.png"
@@ -674,7 +678,6 @@ def test_node_and_cli_agree_on_lens_controls(pack, tmp_path):
         ap, _ = _node(pack, "GenRefocusApertureShape").make(
             "annular", blades=6, rotation_deg=0.0, curvature=0.0, star_points=5, star_inner_ratio=0.5,
             cat_eye_strength=0.5, cat_eye_direction_deg=0.0, preview_size=16)
-        spec = _node(pack, "GenRefocusClassicalBokeh").INPUT_TYPES()["required"]
         (node_out,) = _node(pack, "GenRefocusClassicalBokeh").render(
             photo, data, spec["highlight_boost"][1]["default"], spec["highlight_threshold"][1]["default"], "srgb",
             aperture=ap)
