@@ -2,7 +2,8 @@
 that POST /prompt takes, using the server's /object_info for each node's input order.
 
 - widget values: `widgets_values` follow the order of the node's widget inputs in INPUT_TYPES
-  (required, then optional); an INT input with `control_after_generate` (or named seed/noise_seed) is
+  (required, then optional); widgets beyond the stored values (added to the node after the workflow was
+  saved) take their defaults, as the front end does; an INT input with `control_after_generate` (or named seed/noise_seed) is
   followed by its control value ("fixed"/"randomize"/...), an input with `image_upload` by the upload
   button's value; both extras are skipped.
 - links: `[link_id, from_node, from_slot, to_node, to_slot, type]` -> inputs[name] = [str(from_node), from_slot];
@@ -86,6 +87,8 @@ def convert(ui: dict, object_info: dict) -> dict:
         for name, spec, extra in widget_inputs(info):
             if i < len(values):
                 inputs[name] = values[i]
+            elif isinstance(spec[1] if len(spec) > 1 else None, dict) and "default" in spec[1]:
+                inputs[name] = spec[1]["default"]  # a widget added after the workflow was saved: its default
             i += 1 + extra
         inputs.update(linked)  # a widget converted to an input and linked takes the link
         api[str(nid)] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node.get("title", node["type"])}}
