@@ -60,6 +60,6 @@ def add_matched_grain(rendered, original, radius, amount: float, seed: int = 0) 
     cov = grain_covariance(original.to(rendered.device), r < IN_FOCUS_RADIUS).double()
     vals, vecs = torch.linalg.eigh(cov)  # a square root that also serves grey (rank-1) noise
     root = vecs * vals.clamp_min(0).sqrt()
-    noise = torch.randn(rendered.shape, generator=gen, dtype=torch.float64).to(rendered.device) @ root.T
+    noise = torch.randn(rendered.shape, generator=gen).to(rendered.device) @ root.T.float()
     weight = (r - IN_FOCUS_RADIUS).clamp(0, 1)[..., None] * amount
     return (rendered + (noise * weight).to(rendered.dtype)).clamp(0.0, 1.0)

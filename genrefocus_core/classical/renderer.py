@@ -742,27 +742,26 @@ def highlight_gain(lin: torch.Tensor, radius: torch.Tensor, boost: float, thresh
     B, H, W, _ = lin.shape
     t = ((lin.amax(dim=-1) - threshold) / (1.0 - threshold)).clamp(0, 1)
     t = t * t * (3 - 2 * t)
-    if not bool((t > 0).any()):
-        return torch.ones(B, H, W, 1, dtype=lin.dtype, device=lin.device)
-    # box of side 2h + 1 with about the disc's area: h = round(r sqrt(pi) / 2)
-    h = (radius.abs().to(torch.float64) * (math.sqrt(math.pi) / 2)).round().long()
-    sat = F.pad(t.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0))  # [B,H+1,W+1]
-    ys = torch.arange(H, device=lin.device).view(1, H, 1)
-    xs = torch.arange(W, device=lin.device).view(1, 1, W)
-    y0, y1 = (ys - h).clamp(0, H), (ys + h + 1).clamp(0, H)
-    x0, x1 = (xs - h).clamp(0, W), (xs + h + 1).clamp(0, W)
-    flat = sat.view(B, -1)
-    stride = W + 1
+    gain = torch.ones(B, H, W, dtype=lin.dtype, device=lin.device)
+    bi, yi, xi = (t > 0).nonzero(as_tuple=True)  # the work is only at the highlights
+    if bi.numel() == 0:
+        return gain[..., None]
+    sat = F.pad(t.to(torch.float64).cumsum(1).cumsum(2), (1, 0, 1, 0)).view(B, -1)  # [B,(H+1)(W+1)]
+    r = radius[bi, yi, xi].abs().to(torch.float64)
+    h = (r * (math.sqrt(math.pi) / 2)).round().long()  # box of side 2h + 1 with about the disc's area
+    y0, y1 = (yi - h).clamp(0, H), (yi + h + 1).clamp(0, H)
+    x0, x1 = (xi - h).clamp(0, W), (xi + h + 1).clamp(0, W)
 
     def corner(y, x):
-        return flat.gather(1, (y * stride + x).view(B, -1)).view(B, H, W)
+        return sat[bi, y * (W + 1) + x]
 
     total = corner(y1, x1) - corner(y0, x1) - corner(y1, x0) + corner(y0, x0)
     area = ((y1 - y0) * (x1 - x0)).to(torch.float64)
-    disc = (math.pi * radius.to(torch.float64) ** 2).clamp_min(1.0)  # the box only approximates it
+    disc = (math.pi * r * r).clamp_min(1.0)  # the box only approximates it
     spread = torch.minimum(area / total.clamp_min(1e-12), disc)  # 1 / density, at most the disc's area
-    gain = 1.0 + float(boost) * t.to(torch.float64) * (spread - 1.0).clamp_min(0.0)
-    return gain.to(lin.dtype)[..., None]
+    boosted = 1.0 + float(boost) * t[bi, yi, xi].to(torch.float64) * (spread - 1.0).clamp_min(0.0)
+    gain[bi, yi, xi] = boosted.to(gain.dtype)
+    return gain[..., None]
 
 
 VIGNETTING_GRID = 5
