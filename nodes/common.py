@@ -25,27 +25,14 @@ class DepthMaps:
 
     disparity: [B,H,W] float32. In 1/m when `metric` (Depth Pro, the scene node, metric depth files);
     otherwise relative (only its ordering and ratios mean something, and K is then per unit of it).
-    depth_m: [B,H,W] metric depth when known, else None.
-    focal_px: [B] focal length in pixels when the estimator gives one, else None.
     """
 
     disparity: torch.Tensor
     metric: bool
-    source: str
-    depth_m: torch.Tensor | None = None
-    focal_px: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.disparity.ndim != 3:
             raise InputError(f"Depth maps must be [B,H,W], got {tuple(self.disparity.shape)}.")
-
-    @property
-    def batch(self) -> int:
-        return int(self.disparity.shape[0])
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return int(self.disparity.shape[1]), int(self.disparity.shape[2])
 
 
 @dataclass

@@ -46,10 +46,8 @@ def _meaning_inputs():
     }
 
 
-def _depth_maps(disp: torch.Tensor, scale: str, source: str) -> DepthMaps:
-    metric = scale == "metric"
-    depth_m = torch.where(disp > 0, 1.0 / disp.clamp_min(1e-12), torch.full_like(disp, float("inf"))) if metric else None
-    return DepthMaps(disparity=disp.float().cpu(), metric=metric, source=source, depth_m=depth_m)
+def _depth_maps(disp: torch.Tensor, scale: str) -> DepthMaps:
+    return DepthMaps(disparity=disp.float().cpu(), metric=scale == "metric")
 
 
 def _size_and_batch(image):
@@ -92,7 +90,7 @@ class GenRefocusDepthFromImage(_DepthOutputs):
         disp = disparity_from_external(depth_image, kind=kind, near=near, scale=scale, near_m=near_m, far_m=far_m,
                                        unit=unit, size=size, batch=batch, name="depth_image",
                                        normalization=normalization, smoothing_frames=smoothing_frames)
-        maps = _depth_maps(disp, scale, f"external {kind} ({scale})")
+        maps = _depth_maps(disp, scale)
         return (maps, disparity_preview(maps.disparity))
 
 
@@ -145,7 +143,7 @@ class GenRefocusLoadDepthMap(_DepthOutputs):
         disp = disparity_from_external(values, kind=kind, near=near, scale=scale, near_m=near_m, far_m=far_m,
                                        unit=unit, size=size, batch=batch, name=os.path.basename(depth_file),
                                        normalization=normalization, smoothing_frames=smoothing_frames)
-        maps = _depth_maps(disp, scale, f"file {os.path.basename(depth_file)} ({kind}, {scale})")
+        maps = _depth_maps(disp, scale)
         return (maps, disparity_preview(maps.disparity))
 
 

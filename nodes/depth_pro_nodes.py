@@ -130,10 +130,8 @@ class GenRefocusDepthEstimate:
             if torch.device(rest) != torch.device(device):
                 model.to(rest)
                 comfy_bridge.soft_empty_cache()
-        depth_m = result.depth_m.float().cpu()
-        disp = disparity_from_depth(depth_m)
-        maps = DepthMaps(disparity=disp, metric=True, source="Depth Pro", depth_m=depth_m,
-                         focal_px=result.focal_px.float().cpu())
+        disp = disparity_from_depth(result.depth_m.float().cpu())
+        maps = DepthMaps(disparity=disp, metric=True)
         return (maps, disparity_preview(disp))
 
 

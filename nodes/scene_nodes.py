@@ -32,7 +32,7 @@ class GenRefocusScene:
     def make(self, width, height, seed):
         image, depth_m = make_scene(height=int(height), width=int(width), seed=int(seed))
         disp = disparity_from_depth(depth_m)
-        maps = DepthMaps(disparity=disp, metric=True, source="procedural scene", depth_m=depth_m)
+        maps = DepthMaps(disparity=disp, metric=True)
         return (image, maps, disparity_preview(disp))
 
 

@@ -260,7 +260,7 @@ def test_depth_pro_nodes_tiny(pack, tmp_path, monkeypatch):
     (model,) = loader().load("depth-pro-tiny/model.safetensors", "auto")
     assert loader().load("depth-pro-tiny/model.safetensors", "auto")[0] is model  # cached
     depth, preview = _node(pack, "GenRefocusDepthEstimate").estimate(model, torch.rand(2, 20, 28, 3))
-    assert depth.metric and depth.disparity.shape == (2, 20, 28) and depth.focal_px.shape == (2,)
+    assert depth.metric and depth.disparity.shape == (2, 20, 28)
     assert preview.shape == (2, 20, 28, 3) and 0 <= preview.min() and preview.max() <= 1
     from genrefocus_core.basics.errors import MissingModelFileError
     with pytest.raises(MissingModelFileError, match="depth_pro"):
@@ -269,7 +269,7 @@ def test_depth_pro_nodes_tiny(pack, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------- defocus
 def _depth(pack, disparity, metric=True):
-    return sub(pack, "common").DepthMaps(disparity=disparity, metric=metric, source="test")
+    return sub(pack, "common").DepthMaps(disparity=disparity, metric=metric)
 
 
 DEFAULTS = dict(focus_mode="point", focus_x=0.5, focus_y=0.5, focus_disparity=0.5, blur_mode="K", K=20.0,
@@ -454,7 +454,7 @@ def test_scene_aperture_classical_nodes(pack):
         shape.make("custom", **args, custom_mask=torch.zeros(1, 8, 8))
     # classical bokeh: batch of focus settings over one image; K = 0 is the identity
     defocus_node = _node(pack, "GenRefocusDefocusMap")
-    both = sub(pack, "common").DepthMaps(disparity=depth.disparity.expand(2, -1, -1).clone(), metric=True, source="t")
+    both = sub(pack, "common").DepthMaps(disparity=depth.disparity.expand(2, -1, -1).clone(), metric=True)
     data = defocus_node.build(both, **{**DEFAULTS, "focus_mode": "value", "focus_disparity": 0.3})["result"][0]
     bokeh = _node(pack, "GenRefocusClassicalBokeh")
     (out,) = bokeh.render(image, data, 0.0, 0.9, "srgb", aperture=ap)
@@ -539,7 +539,7 @@ def test_generative_nodes_tiny(pack, tiny_models, monkeypatch, tmp_path):
     first = gen.GenRefocusDeblurNet().deblur(model, small, "auto", sampler=sampler)[0]
     assert torch.equal(first, gen.GenRefocusDeblurNet().deblur(model, small, "auto", sampler=sampler)[0])  # fixed seed
     depth = sub(pack, "common").DepthMaps(disparity=torch.linspace(0.1, 1, 88).expand(1, 72, 88).clone(),
-                                          metric=True, source="t")
+                                          metric=True)
     defocus = _node(pack, "GenRefocusDefocusMap").build(depth, **DEFAULTS)["result"][0]
     (out,) = gen.GenRefocusBokehNet().refocus(model, aif, defocus, sampler=tiles)
     assert out.shape == (2, 72, 88, 3) and (out - aif).abs().mean() > 1e-3
@@ -582,7 +582,7 @@ def test_loader_adapter_cache_after_a_failed_switch_and_on_a_hit(pack, tiny_mode
     (back,) = loader().load(**LOAD_ARGS)
     assert back is model and set(back.pipeline.adapters) == {"deblurring", "bokeh"}
     depth = sub(pack, "common").DepthMaps(disparity=torch.linspace(0.1, 1, 16).expand(1, 16, 16).clone(),
-                                          metric=True, source="t")
+                                          metric=True)
     defocus = _node(pack, "GenRefocusDefocusMap").build(depth, **DEFAULTS)["result"][0]
     (sampler,) = gen.GenRefocusTiledSampler().make(1, 7, "off", 512, 64, 1, 0.0)
     (out,) = gen.GenRefocusBokehNet().refocus(back, torch.rand(1, 16, 16, 3), defocus, sampler=sampler)

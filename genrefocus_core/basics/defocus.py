@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .images import resize_map, to_map_batch
+from .images import fill_with_median, resize_map, to_map_batch
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,9 @@ def disparity_from_depth(depth) -> torch.Tensor:
     disp = torch.where(torch.isinf(d), torch.zeros_like(d), disp)
     nan = torch.isnan(d)
     if nan.any():
-        out = disp.clone()
-        for b in range(d.shape[0]):
-            if nan[b].all():
-                raise InputError("Depth map is NaN everywhere: the depth estimate failed; check the depth input.")
-            if nan[b].any():
-                out[b][nan[b]] = disp[b][~nan[b]].median()
+        disp = fill_with_median(disp, nan, "Depth map (image {b}) is NaN everywhere: the depth estimate failed; "
+                                           "check the depth input.")
         log.warning("Depth map had %d NaN pixels; filled with the median disparity.", int(nan.sum()))
-        disp = out
     return disp
 
 

@@ -16,7 +16,8 @@ from PIL import Image
 from .errors import InputError
 
 
-def _array_from_pil(img) -> np.ndarray:
+def _pil_to_image_array(img) -> np.ndarray:
+    """PIL image -> numpy in an image's range: 16/32-bit integer modes scaled to 0..1, float kept, else RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         return np.asarray(img, dtype=np.float64) / (65535.0 if img.mode.startswith("I;16") else float(np.iinfo(np.int32).max))
     if img.mode == "F":
@@ -69,7 +70,7 @@ def to_image_batch(image, name: str = "image") -> torch.Tensor:
             raise InputError(f"{name}: images in a batch must all have the same size.")
         return torch.cat(parts, 0)
     if isinstance(image, Image.Image):
-        image = _array_from_pil(image)
+        image = _pil_to_image_array(image)
     t = _to_float01(image, name)
     if t.ndim == 2:
         t = t[None, :, :, None]
@@ -103,7 +104,7 @@ def to_map_batch(x, name: str = "map", batch: int | None = None) -> torch.Tensor
     else:
         try:
             if isinstance(x, Image.Image):
-                t = torch.from_numpy(_array_from_pil(x).astype(np.float32))
+                t = torch.from_numpy(_pil_to_image_array(x).astype(np.float32))
                 if t.ndim == 3:
                     t = t.mean(-1)
             else:

@@ -54,7 +54,7 @@ NORMALIZATIONS = ("batch", "smoothed", "per_image")
 DEFAULT_SMOOTHING_FRAMES = 8
 
 
-def _array_from_pil(img) -> np.ndarray:
+def _pil_stored_values(img) -> np.ndarray:
     """PIL image -> numpy keeping stored values (16-bit stays 0..65535, float stays float)."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
         return np.asarray(img).astype(np.uint16)
@@ -74,7 +74,7 @@ def read_map(x, name: str = "depth map") -> torch.Tensor:
     `disparity_from_external`).
     """
     if isinstance(x, Image.Image):
-        x = _array_from_pil(x)
+        x = _pil_stored_values(x)
     channels_last_3d = True  # numpy/PIL: a 3-D array is [H,W,C]
     if isinstance(x, np.ndarray):
         if x.dtype == np.bool_ or not np.issubdtype(x.dtype, np.number):
@@ -401,7 +401,7 @@ def load_depth_file(path) -> torch.Tensor:
             from PIL import Image, UnidentifiedImageError
             try:
                 with Image.open(p) as im:
-                    arr = _array_from_pil(im)
+                    arr = _pil_stored_values(im)
             except UnidentifiedImageError:
                 raise InputError(f"{p} is not a depth file this pack can read "
                                  "(.npy, .npz, .pfm, .exr, PNG, TIFF).") from None
