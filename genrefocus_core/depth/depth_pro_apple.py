@@ -20,7 +20,8 @@ and the decoder levels numbered in the opposite order. The correspondence, level
     fov.downsample.0                        fov_model.conv
     fov.head.{j}                            fov_model.head.layers.{j}
 
-The level counts (3 image scales, 2 intermediate hooks, 5 decoder levels) are fixed by Apple's
+`_RULES` holds this correspondence once; `apple_key_to_hf` and `hf_key_to_apple` read it in the two
+directions. The level counts (3 image scales, 2 intermediate hooks, 5 decoder levels) are fixed by Apple's
 architecture, whose module names hard-code them; widths and depths follow the tensors, so a smaller
 model of the same topology (the tests' tiny one) maps the same way.
 """
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -40,157 +43,121 @@ _NUM_SCALES = 3  # Apple: upsample0 (full resolution), upsample1 (1/2), upsample
 _NUM_HOOKS = 2  # Apple: upsample_latent0 (block 5), upsample_latent1 (block 11)
 _NUM_LEVELS = 5  # decoder levels = hooks + scales
 
-# Apple ViT prefix -> transformers Dinov2 prefix.
-_VIT_PREFIXES = {
-    "encoder.patch_encoder.": "depth_pro.encoder.patch_encoder.model.",
-    "encoder.image_encoder.": "depth_pro.encoder.image_encoder.model.",
-    "fov.encoder.0.": "fov_model.fov_encoder.model.",
-}
 
-_QKV = ("q_proj", "k_proj", "v_proj")
+def _reversed_levels(n: int, first: int = 0) -> dict[str, str]:
+    """Apple level i -> transformers level n - 1 - i (for i from `first`): the two count in opposite orders."""
+    return {str(i): str(n - 1 - i) for i in range(first, n)}
 
 
-def _vit_key_to_hf(rest: str) -> list[str] | None:
-    """timm ViT key (after the prefix) -> Dinov2 key(s); a fused qkv gives three keys (q, k, v)."""
-    simple = {
-        "cls_token": "embeddings.cls_token",
-        "pos_embed": "embeddings.position_embeddings",
-        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-        "norm.weight": "layernorm.weight",
-        "norm.bias": "layernorm.bias",
-    }
-    if rest in simple:
-        return [simple[rest]]
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", rest)
-    if not m:
-        return None
-    layer, inner = f"encoder.layer.{m.group(1)}.", m.group(2)
-    m2 = re.fullmatch(r"attn\.qkv\.(weight|bias)", inner)
-    if m2:
-        return [f"{layer}attention.{p}.{m2.group(1)}" for p in _QKV]
-    m2 = re.fullmatch(r"attn\.proj\.(weight|bias)", inner)
-    if m2:
-        return [f"{layer}attention.o_proj.{m2.group(1)}"]
-    m2 = re.fullmatch(r"ls([12])\.gamma", inner)
-    if m2:
-        return [f"{layer}layer_scale{m2.group(1)}.lambda1"]
-    m2 = re.fullmatch(r"(norm[12]|mlp\.fc[12])\.(weight|bias)", inner)
-    if m2:
-        return [f"{layer}{inner}"]
-    return None
+# Field domains: a regular expression (the value is copied) or an {Apple value: transformers value} map.
+_DIGITS, _PARAM = r"\d+", "weight|bias"
 
 
-def _fusion_name(apple_index: int) -> str:
-    if apple_index == 0:
-        return "fusion_stage.final"
-    return f"fusion_stage.intermediate.{_NUM_LEVELS - 1 - apple_index}"
+@dataclass(frozen=True)
+class _Rule:
+    """One correspondence, read in both directions: templates with {field} placeholders."""
+
+    apple: str
+    hf: str
+    fields: dict
+    fused: bool = False  # Apple's fused qkv <-> transformers' three keys, field {part} = q, k, v
+
+    @cached_property
+    def patterns(self) -> tuple[re.Pattern, re.Pattern]:
+        return self._pattern(self.apple, 0), self._pattern(self.hf, 1)
+
+    def _pattern(self, template: str, side: int) -> re.Pattern:
+        parts = re.split(r"\{(\w+)\}", template)
+        out = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                out.append(re.escape(part))
+                continue
+            domain = self.fields[part]
+            if isinstance(domain, dict):
+                domain = "|".join(re.escape(v) for v in (domain.keys() if side == 0 else domain.values()))
+            out.append(f"(?P<{part}>{domain})")
+        return re.compile("".join(out))
+
+    def convert(self, key: str, to_hf: bool) -> dict | None:
+        """The source key's field values translated for the other side, or None if it does not match."""
+        m = self.patterns[0 if to_hf else 1].fullmatch(key)
+        if m is None:
+            return None
+        values = {}
+        for name, value in m.groupdict().items():
+            domain = self.fields[name]
+            if isinstance(domain, dict):
+                value = domain[value] if to_hf else {v: k for k, v in domain.items()}[value]
+            values[name] = value
+        return values
+
+
+_VIT_PREFIXES = (
+    ("encoder.patch_encoder.", "depth_pro.encoder.patch_encoder.model."),
+    ("encoder.image_encoder.", "depth_pro.encoder.image_encoder.model."),
+    ("fov.encoder.0.", "fov_model.fov_encoder.model."),
+)
+_VIT_RULES = (  # timm ViT (Apple) <-> Dinov2 (transformers), after the prefixes above
+    _Rule("cls_token", "embeddings.cls_token", {}),
+    _Rule("pos_embed", "embeddings.position_embeddings", {}),
+    _Rule("patch_embed.proj.{p}", "embeddings.patch_embeddings.projection.{p}", {"p": _PARAM}),
+    _Rule("norm.{p}", "layernorm.{p}", {"p": _PARAM}),
+    _Rule("blocks.{n}.attn.qkv.{p}", "encoder.layer.{n}.attention.{part}_proj.{p}",
+          {"n": _DIGITS, "p": _PARAM, "part": "q|k|v"}, fused=True),
+    _Rule("blocks.{n}.attn.proj.{p}", "encoder.layer.{n}.attention.o_proj.{p}", {"n": _DIGITS, "p": _PARAM}),
+    _Rule("blocks.{n}.ls{r}.gamma", "encoder.layer.{n}.layer_scale{r}.lambda1", {"n": _DIGITS, "r": "[12]"}),
+    _Rule("blocks.{n}.{m}.{p}", "encoder.layer.{n}.{m}.{p}",
+          {"n": _DIGITS, "m": r"norm[12]|mlp\.fc[12]", "p": _PARAM}),
+)
+_UP = "depth_pro.neck.feature_upsample."
+_FUSION_PARTS = (  # inside one decoder fusion block
+    ("resnet{r}.residual.{c}.{p}", "residual_layer{r}.convolution{c}.{p}", {"r": "[12]", "c": {"1": "1", "3": "2"},
+                                                                             "p": _PARAM}),
+    ("deconv.weight", "deconv.weight", {}),
+    ("out_conv.{p}", "projection.{p}", {"p": _PARAM}),
+)
+_RULES = (
+    *(_Rule(a + r.apple, h + r.hf, r.fields, r.fused) for a, h in _VIT_PREFIXES for r in _VIT_RULES),
+    _Rule("encoder.upsample_lowres.{p}", _UP + "image_block.layers.0.{p}", {"p": _PARAM}),
+    _Rule("encoder.upsample{s}.{j}.weight", _UP + "scaled_images.{s}.layers.{j}.weight",
+          {"s": _reversed_levels(_NUM_SCALES), "j": _DIGITS}),
+    _Rule("encoder.upsample_latent{h}.{j}.weight", _UP + "intermediate.{h}.layers.{j}.weight",
+          {"h": _reversed_levels(_NUM_HOOKS), "j": _DIGITS}),
+    _Rule("encoder.fuse_lowres.{p}", "depth_pro.neck.fuse_image_with_low_res.{p}", {"p": _PARAM}),
+    _Rule("decoder.convs.{l}.weight", "depth_pro.neck.feature_projection.projections.{l}.weight",
+          {"l": _reversed_levels(_NUM_LEVELS)}),
+    *(_Rule("decoder.fusions.0." + a, "fusion_stage.final." + h, f) for a, h, f in _FUSION_PARTS),
+    *(_Rule("decoder.fusions.{l}." + a, "fusion_stage.intermediate.{l}." + h,
+            {"l": _reversed_levels(_NUM_LEVELS, first=1), **f}) for a, h, f in _FUSION_PARTS),
+    _Rule("head.{j}.{p}", "head.layers.{j}.{p}", {"j": _DIGITS, "p": _PARAM}),
+    _Rule("fov.encoder.1.{p}", "fov_model.fov_encoder.neck.{p}", {"p": _PARAM}),
+    _Rule("fov.downsample.0.{p}", "fov_model.conv.{p}", {"p": _PARAM}),
+    _Rule("fov.head.{j}.{p}", "fov_model.head.layers.{j}.{p}", {"j": _DIGITS, "p": _PARAM}),
+)
+_QKV_PARTS = ("q", "k", "v")
 
 
 def apple_key_to_hf(key: str) -> list[str] | None:
     """One Apple key -> its transformers key(s) (three for a fused qkv, in q, k, v order), or None
     for a key that has no place in the model."""
-    for prefix, hf_prefix in _VIT_PREFIXES.items():
-        if key.startswith(prefix):
-            inner = _vit_key_to_hf(key[len(prefix):])
-            return None if inner is None else [hf_prefix + k for k in inner]
-
-    up = "depth_pro.neck.feature_upsample."
-    rules: list[tuple[str, callable]] = [
-        (r"encoder\.upsample_lowres\.(weight|bias)", lambda m: f"{up}image_block.layers.0.{m[1]}"),
-        (r"encoder\.upsample([0-2])\.(\d+)\.weight",
-         lambda m: f"{up}scaled_images.{_NUM_SCALES - 1 - int(m[1])}.layers.{m[2]}.weight"),
-        (r"encoder\.upsample_latent([01])\.(\d+)\.weight",
-         lambda m: f"{up}intermediate.{_NUM_HOOKS - 1 - int(m[1])}.layers.{m[2]}.weight"),
-        (r"encoder\.fuse_lowres\.(weight|bias)", lambda m: f"depth_pro.neck.fuse_image_with_low_res.{m[1]}"),
-        (r"decoder\.convs\.([0-4])\.weight",
-         lambda m: f"depth_pro.neck.feature_projection.projections.{_NUM_LEVELS - 1 - int(m[1])}.weight"),
-        (r"decoder\.fusions\.([0-4])\.resnet([12])\.residual\.([13])\.(weight|bias)",
-         lambda m: f"{_fusion_name(int(m[1]))}.residual_layer{m[2]}.convolution{(int(m[3]) + 1) // 2}.{m[4]}"),
-        (r"decoder\.fusions\.([1-4])\.deconv\.weight", lambda m: f"{_fusion_name(int(m[1]))}.deconv.weight"),
-        (r"decoder\.fusions\.([0-4])\.out_conv\.(weight|bias)",
-         lambda m: f"{_fusion_name(int(m[1]))}.projection.{m[2]}"),
-        (r"head\.(\d+)\.(weight|bias)", lambda m: f"head.layers.{m[1]}.{m[2]}"),
-        (r"fov\.encoder\.1\.(weight|bias)", lambda m: f"fov_model.fov_encoder.neck.{m[1]}"),
-        (r"fov\.downsample\.0\.(weight|bias)", lambda m: f"fov_model.conv.{m[1]}"),
-        (r"fov\.head\.(\d+)\.(weight|bias)", lambda m: f"fov_model.head.layers.{m[1]}.{m[2]}"),
-    ]
-    for pattern, target in rules:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return [target(m)]
+    for rule in _RULES:
+        values = rule.convert(key, to_hf=True)
+        if values is not None:
+            if rule.fused:
+                return [rule.hf.format(**values, part=part) for part in _QKV_PARTS]
+            return [rule.hf.format(**values)]
     return None
 
 
 def hf_key_to_apple(key: str) -> tuple[str, int | None] | None:
     """One transformers key -> (Apple key, part) where part is 0/1/2 for q/k/v of a fused qkv and
     None otherwise; None for a key with no Apple counterpart."""
-    for prefix, hf_prefix in _VIT_PREFIXES.items():
-        if not key.startswith(hf_prefix):
-            continue
-        rest = key[len(hf_prefix):]
-        simple = {
-            "embeddings.cls_token": "cls_token",
-            "embeddings.position_embeddings": "pos_embed",
-            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-            "layernorm.weight": "norm.weight",
-            "layernorm.bias": "norm.bias",
-        }
-        if rest in simple:
-            return prefix + simple[rest], None
-        m = re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", rest)
-        if not m:
-            return None
-        block, inner = f"blocks.{m.group(1)}.", m.group(2)
-        m2 = re.fullmatch(r"attention\.([qkv])_proj\.(weight|bias)", inner)
-        if m2:
-            return f"{prefix}{block}attn.qkv.{m2.group(2)}", "qkv".index(m2.group(1))
-        m2 = re.fullmatch(r"attention\.o_proj\.(weight|bias)", inner)
-        if m2:
-            return f"{prefix}{block}attn.proj.{m2.group(1)}", None
-        m2 = re.fullmatch(r"layer_scale([12])\.lambda1", inner)
-        if m2:
-            return f"{prefix}{block}ls{m2.group(1)}.gamma", None
-        if re.fullmatch(r"(norm[12]|mlp\.fc[12])\.(weight|bias)", inner):
-            return prefix + block + inner, None
-        return None
-
-    up = r"depth_pro\.neck\.feature_upsample\."
-    rules: list[tuple[str, callable]] = [
-        (up + r"image_block\.layers\.0\.(weight|bias)", lambda m: f"encoder.upsample_lowres.{m[1]}"),
-        (up + r"scaled_images\.([0-2])\.layers\.(\d+)\.weight",
-         lambda m: f"encoder.upsample{_NUM_SCALES - 1 - int(m[1])}.{m[2]}.weight"),
-        (up + r"intermediate\.([01])\.layers\.(\d+)\.weight",
-         lambda m: f"encoder.upsample_latent{_NUM_HOOKS - 1 - int(m[1])}.{m[2]}.weight"),
-        (r"depth_pro\.neck\.fuse_image_with_low_res\.(weight|bias)", lambda m: f"encoder.fuse_lowres.{m[1]}"),
-        (r"depth_pro\.neck\.feature_projection\.projections\.([0-4])\.weight",
-         lambda m: f"decoder.convs.{_NUM_LEVELS - 1 - int(m[1])}.weight"),
-        (r"fusion_stage\.(final|intermediate\.[0-3])\.(.+)", None),
-        (r"head\.layers\.(\d+)\.(weight|bias)", lambda m: f"head.{m[1]}.{m[2]}"),
-        (r"fov_model\.fov_encoder\.neck\.(weight|bias)", lambda m: f"fov.encoder.1.{m[1]}"),
-        (r"fov_model\.conv\.(weight|bias)", lambda m: f"fov.downsample.0.{m[1]}"),
-        (r"fov_model\.head\.layers\.(\d+)\.(weight|bias)", lambda m: f"fov.head.{m[1]}.{m[2]}"),
-    ]
-    for pattern, target in rules:
-        m = re.fullmatch(pattern, key)
-        if not m:
-            continue
-        if target is not None:
-            return target(m), None
-        # fusion stage: name the Apple fusion block, then the part inside it
-        level = 0 if m[1] == "final" else _NUM_LEVELS - 1 - int(m[1].split(".")[1])
-        block = f"decoder.fusions.{level}."
-        inner = m[2]
-        m2 = re.fullmatch(r"residual_layer([12])\.convolution([12])\.(weight|bias)", inner)
-        if m2:
-            return f"{block}resnet{m2[1]}.residual.{2 * int(m2[2]) - 1}.{m2[3]}", None
-        if inner == "deconv.weight":
-            return block + inner, None
-        m2 = re.fullmatch(r"projection\.(weight|bias)", inner)
-        if m2:
-            return f"{block}out_conv.{m2[1]}", None
-        return None
+    for rule in _RULES:
+        values = rule.convert(key, to_hf=False)
+        if values is not None:
+            part = values.pop("part", None)
+            return rule.apple.format(**values), None if part is None else _QKV_PARTS.index(part)
     return None
 
 

@@ -70,6 +70,14 @@ def _config_dir(config_dir, default: Path, filename: str = "config.json") -> Pat
     return d
 
 
+def _folder_or_file(path_or_dir, subfolder: str, kind: str):
+    """(component folder, None) when given a diffusers folder, else (None, the checked single file)."""
+    p = Path(path_or_dir).expanduser() if path_or_dir is not None else None
+    if p is not None and p.is_dir():
+        return mf.require_diffusers_component(p, subfolder, kind), None
+    return None, mf.require_file(p, kind)
+
+
 def _load_json(path: Path) -> dict:
     import json
 
@@ -291,9 +299,8 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
 
     from .memory import to_fp8_storage
 
-    p = Path(path_or_dir).expanduser() if path_or_dir is not None else None
-    if p is not None and p.is_dir():
-        folder = mf.require_diffusers_component(p, "transformer", "transformer")
+    folder, path = _folder_or_file(path_or_dir, "transformer", "transformer")
+    if folder is not None:
         cfg = _load_json(folder / "config.json")
         if cfg.get("_class_name", "FluxTransformer2DModel") != "FluxTransformer2DModel":
             raise ModelFileError(f"{folder}: holds a {cfg.get('_class_name')}, not a FluxTransformer2DModel.")
@@ -307,7 +314,6 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
             to_fp8_storage(model, compute_dtype=dtype)
         return model
 
-    path = mf.require_file(p, "transformer")
     header = mf.read_safetensors_header(path)
     prefix, keys = mf.select_component(header.keys(), mf.TRANSFORMER_PREFIXES, mf.TRANSFORMER_ANCHORS)
     family = mf.check_flux_transformer_keys(path, [k[len(prefix):] for k in keys])
@@ -349,13 +355,11 @@ def load_flux_vae(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir
     """AutoencoderKL (FLUX's 16-channel ae) from a diffusers folder or a single file (`ae.safetensors`)."""
     from diffusers import AutoencoderKL
 
-    p = Path(path_or_dir).expanduser() if path_or_dir is not None else None
-    if p is not None and p.is_dir():
-        folder = mf.require_diffusers_component(p, "vae", "vae")
+    folder, path = _folder_or_file(path_or_dir, "vae", "vae")
+    if folder is not None:
         with offline_hub():
             vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     else:
-        path = mf.require_file(p, "vae")
         header = mf.read_safetensors_header(path)
         prefix, keys = mf.select_component(header.keys(), mf.VAE_PREFIXES, mf.VAE_ANCHORS)
         family = mf.identify_family([k[len(prefix):] for k in keys])
@@ -386,10 +390,19 @@ def load_flux_vae(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir
 # ---------------------------------------------------------------------------------------------
 # Text encoders and tokenizers
 
-def _encoder_from_file(path: Path, kind: str, model_cls, config, prefixes, anchors, expected_family, rename=None,
-                       drop=(), dtype=torch.float32):
+def _load_text_encoder(path_or_dir, dtype, config_dir, *, kind: str, subfolder: str, model_cls, config_cls,
+                       default_config: Path, prefixes, anchors, expected_family: str, rename, drop):
+    """A transformers text encoder from a diffusers folder's `subfolder`, or from a single file (any
+    key prefix, fp8 with scales) with the config in `config_dir` (default: the shipped one)."""
     from accelerate import init_empty_weights
 
+    folder, path = _folder_or_file(path_or_dir, subfolder, kind)
+    if folder is not None:
+        with offline_hub():
+            # .to(dtype) too: older transformers name the argument torch_dtype and ignore `dtype`
+            model = model_cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(dtype)
+        return model.eval().requires_grad_(False)
+    config = config_cls.from_pretrained(str(_config_dir(config_dir, default_config)), local_files_only=True)
     header = mf.read_safetensors_header(path)
     prefix, keys = mf.select_component(header.keys(), prefixes, anchors)
     family = mf.identify_family([k[len(prefix):] for k in keys])
@@ -400,68 +413,52 @@ def _encoder_from_file(path: Path, kind: str, model_cls, config, prefixes, ancho
     with init_empty_weights():
         model = model_cls(config)
     expected = {k: v for k, v in model.state_dict().items() if v.device.type == "meta"}
-    if rename is not None:
-        tensors = rename(tensors, expected)
+    tensors = rename(tensors, expected)
     _check_shapes(path, tensors, expected, f"{expected_family} for this config",
                   f"(Expected {mf.TYPICAL_NAMES[kind]}; pass a config folder for other sizes.)")
     state = {k: dequantize(tensors[k], scales.get(k), dtype) for k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     _assert_materialised(model, path)
-    return model
+    return model.eval().requires_grad_(False)
+
+
+def _clip_keys(t, expected):
+    """Files with and without 'text_model.' -> this transformers version's keys."""
+    bare = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in t.items()}
+    if any(k.startswith("text_model.") for k in expected):
+        return {"text_model." + k: v for k, v in bare.items()}
+    return bare
+
+
+def _t5_keys(t, expected):
+    """Token embeddings are stored as 'shared' and/or 'encoder.embed_tokens'."""
+    emb = t.get("shared.weight", t.get("encoder.embed_tokens.weight"))
+    if emb is not None:
+        t["shared.weight"] = emb
+        t["encoder.embed_tokens.weight"] = emb
+    return t
 
 
 def load_clip_text_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir=None):
     """transformers CLIPTextModel (CLIP-L) from a diffusers folder or `clip_l.safetensors`."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    p = Path(path_or_dir).expanduser() if path_or_dir is not None else None
-    if p is not None and p.is_dir():
-        folder = mf.require_diffusers_component(p, "text_encoder", "clip_l")
-        with offline_hub():
-            # .to(dtype) too: older transformers name the argument torch_dtype and ignore `dtype`
-            model = CLIPTextModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(dtype)
-    else:
-        path = mf.require_file(p, "clip_l")
-        cfg_dir = _config_dir(config_dir, CLIP_L_CONFIG)
-        config = CLIPTextConfig.from_pretrained(str(cfg_dir), local_files_only=True)
-
-        def rename(t, expected):  # files with and without 'text_model.' -> this transformers version's keys
-            bare = {(k[len("text_model."):] if k.startswith("text_model.") else k): v for k, v in t.items()}
-            if any(k.startswith("text_model.") for k in expected):
-                return {"text_model." + k: v for k, v in bare.items()}
-            return bare
-
-        model = _encoder_from_file(path, "clip_l", CLIPTextModel, config, mf.CLIP_PREFIXES, mf.CLIP_ANCHORS,
-                                   mf.CLIP_TEXT,
-                                   rename=rename, drop=("text_projection", "logit_scale"), dtype=dtype)
-    return model.eval().requires_grad_(False)
+    return _load_text_encoder(path_or_dir, dtype, config_dir, kind="clip_l", subfolder="text_encoder",
+                              model_cls=CLIPTextModel, config_cls=CLIPTextConfig, default_config=CLIP_L_CONFIG,
+                              prefixes=mf.CLIP_PREFIXES, anchors=mf.CLIP_ANCHORS, expected_family=mf.CLIP_TEXT,
+                              rename=_clip_keys, drop=("text_projection", "logit_scale"))
 
 
 def load_t5_encoder(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir=None):
     """transformers T5EncoderModel (T5-XXL v1.1) from a diffusers folder or `t5xxl_*.safetensors`."""
     from transformers import T5Config, T5EncoderModel
 
-    p = Path(path_or_dir).expanduser() if path_or_dir is not None else None
-    if p is not None and p.is_dir():
-        folder = mf.require_diffusers_component(p, "text_encoder_2", "t5")
-        with offline_hub():
-            model = T5EncoderModel.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(dtype)
-    else:
-        path = mf.require_file(p, "t5")
-        cfg_dir = _config_dir(config_dir, T5_XXL_CONFIG)
-        config = T5Config.from_pretrained(str(cfg_dir), local_files_only=True)
-
-        def rename(t, expected):  # token embeddings are stored as 'shared' and/or 'encoder.embed_tokens'
-            emb = t.get("shared.weight", t.get("encoder.embed_tokens.weight"))
-            if emb is not None:
-                t["shared.weight"] = emb
-                t["encoder.embed_tokens.weight"] = emb
-            return t
-
-        model = _encoder_from_file(path, "t5", T5EncoderModel, config, mf.T5_PREFIXES, mf.T5_ANCHORS, mf.T5_ENCODER,
-                                   rename=rename, drop=("decoder.", "lm_head."), dtype=dtype)
-        model.encoder.embed_tokens = model.shared
-    return model.eval().requires_grad_(False)
+    model = _load_text_encoder(path_or_dir, dtype, config_dir, kind="t5", subfolder="text_encoder_2",
+                               model_cls=T5EncoderModel, config_cls=T5Config, default_config=T5_XXL_CONFIG,
+                               prefixes=mf.T5_PREFIXES, anchors=mf.T5_ANCHORS, expected_family=mf.T5_ENCODER,
+                               rename=_t5_keys, drop=("decoder.", "lm_head."))
+    model.encoder.embed_tokens = model.shared  # one embedding, as a tied checkpoint has it
+    return model
 
 
 TOKENIZER_LAYOUTS = (
