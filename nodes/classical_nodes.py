@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from genrefocus_core.classical.renderer import (HIGHLIGHT_BOOST_DEFAULT, HIGHLIGHT_THRESHOLD_DEFAULT, QUALITY_PRESETS,
                                                render_bokeh)
+from genrefocus_core.basics.defocus import Defocus
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch
 
 from . import comfy_bridge
-from .common import APERTURE, CATEGORY, DEFOCUS, DefocusData, broadcast_batches, tip
+from .common import APERTURE, CATEGORY, DEFOCUS, broadcast_batches, tip
 
 
 class GenRefocusClassicalBokeh:
@@ -65,7 +66,7 @@ class GenRefocusClassicalBokeh:
     def render(self, image, defocus, highlight_boost, highlight_threshold, colorspace, aperture=None,
                max_radius=0.0, quality="balanced", flip_front=True, cat_eye_across_frame=0.0, grain=0.0,
                grain_seed=0):
-        if not isinstance(defocus, DefocusData):
+        if not isinstance(defocus, Defocus):
             raise InputError("Classical Bokeh: 'defocus' must come from the Defocus Map node.")
         img = to_image_batch(image, "image")
         img, coc = broadcast_batches((img, "image"), (defocus.signed_coc, "defocus"))

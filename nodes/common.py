@@ -14,7 +14,7 @@ CATEGORY = "GenRefocus"
 MODEL = "GENREFOCUS_MODEL"            # a loaded GenRefocusPipeline (DeblurNet + BokehNet on FLUX)
 DEPTH_MODEL = "GENREFOCUS_DEPTH_MODEL"  # a loaded Depth Pro model
 DEPTH = "GENREFOCUS_DEPTH"            # DepthMaps: per-pixel disparity of an image batch
-DEFOCUS = "GENREFOCUS_DEFOCUS"        # DefocusData: signed circle-of-confusion radius map in pixels
+DEFOCUS = "GENREFOCUS_DEFOCUS"        # genrefocus_core.basics.defocus.Defocus: signed blur-radius map in px
 APERTURE = "GENREFOCUS_APERTURE"      # genrefocus_core.basics.apertures.Aperture
 SAMPLER = "GENREFOCUS_SAMPLER"        # genrefocus_core.generative.sampling.SamplerSettings
 
@@ -33,26 +33,6 @@ class DepthMaps:
     def __post_init__(self):
         if self.disparity.ndim != 3:
             raise InputError(f"Depth maps must be [B,H,W], got {tuple(self.disparity.shape)}.")
-
-
-@dataclass
-class DefocusData:
-    """What travels in GENREFOCUS_DEFOCUS: the signed CoC radius K*(disparity - focus) in pixels
-    [B,H,W] (> 0 in front of the focal plane) plus what made it, so that renderers can use either
-    the signed map (classical occlusion handling) or its absolute value (BokehNet's condition)."""
-
-    signed_coc: torch.Tensor
-    disparity: torch.Tensor
-    focus_disparity: torch.Tensor  # [B]
-    K: torch.Tensor  # [B]: blur level per image (a lens focused elsewhere blurs differently)
-
-    @property
-    def defocus_px(self) -> torch.Tensor:
-        return self.signed_coc.abs()
-
-    @property
-    def batch(self) -> int:
-        return int(self.signed_coc.shape[0])
 
 
 def tip(text: str, **opts) -> dict:

@@ -12,7 +12,7 @@ from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch, to_map_batch
 
 from . import comfy_bridge
-from .common import CATEGORY, DEFOCUS, DEPTH, DefocusData, DepthMaps, tip
+from .common import CATEGORY, DEFOCUS, DEPTH, DepthMaps, tip
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,10 @@ class GenRefocusDefocusMap:
         band = {"in_focus_m" if in_focus_unit == "metres" else "in_focus_fraction": in_focus_range}
         d = build_defocus(disp, f, K=None if lens else K, lens=lens, metric=depth.metric, near_scale=near_blur,
                           far_scale=far_blur, **band)
-        data = DefocusData(signed_coc=d.signed_coc, disparity=disp, focus_disparity=d.focus_disparity, K=d.K)
         preview = defocus_preview(d.signed_coc, image)
         ui = comfy_bridge.save_preview_images(preview, "genrefocus_defocus")
         radius = (d.signed_coc.abs() / MAX_COC).clamp(0.0, 1.0)
-        return {"ui": {"images": ui}, "result": (data, preview, radius, in_focus_mask(d.signed_coc))}
+        return {"ui": {"images": ui}, "result": (d, preview, radius, in_focus_mask(d.signed_coc))}
 
 
 NODE_CLASS_MAPPINGS = {"GenRefocusDefocusMap": GenRefocusDefocusMap}

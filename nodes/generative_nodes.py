@@ -16,6 +16,7 @@ import diffusers  # noqa: F401  (the generative stages need diffusers and peft; 
 import peft  # noqa: F401       these nodes are disabled)
 import torch
 
+from genrefocus_core.basics.defocus import Defocus
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch
 from genrefocus_core.generative.loader import load_genrefocus, resolve_prompt_embeddings
@@ -30,7 +31,7 @@ from genrefocus_core.generative.stages import (ADAPTERS, APERTURE_ADAPTER, BOKEH
                                                DEBLUR_ADAPTER, DEBLUR_VARIANTS, STAGES, deblur_adapter, stages_of)
 
 from . import comfy_bridge
-from .common import APERTURE, CATEGORY, DEFOCUS, MODEL, SAMPLER, DefocusData, broadcast_batches, tip
+from .common import APERTURE, CATEGORY, DEFOCUS, MODEL, SAMPLER, broadcast_batches, tip
 
 log = logging.getLogger("GenRefocus")
 
@@ -114,10 +115,10 @@ def stage_embeddings(stages, clip=None, prompt_file: str = NONE) -> dict:
 
 
 class GenRefocusModel:
-    """What travels in GENREFOCUS_MODEL: the pipeline plus what it was built from."""
+    """What travels in GENREFOCUS_MODEL: the pipeline and its memory mode."""
 
-    def __init__(self, pipeline: GenRefocusPipeline, memory_mode: str, files: dict):
-        self.pipeline, self.memory_mode, self.files = pipeline, memory_mode, files
+    def __init__(self, pipeline: GenRefocusPipeline, memory_mode: str):
+        self.pipeline, self.memory_mode = pipeline, memory_mode
 
     def __repr__(self):
         return f"GenRefocusModel({self.memory_mode}, adapters={self.pipeline.adapters})"
@@ -204,10 +205,9 @@ class GenRefocusLoadModel:
                                    prompt_embeddings=embeddings, transformer_config=config_beside(flux_path),
                                    vae_config=config_beside(vae_path),
                                    **{ADAPTERS[a].option: p for a, p in loras.items()})
-            model = GenRefocusModel(pipe, mode, {"flux": flux_path, "vae": vae_path})
+            model = GenRefocusModel(pipe, mode)
             _cache.update(key=key, model=weakref.ref(model))
         model.pipeline.prompt_embeddings = embeddings
-        model.files["loras"] = dict(loras)
         return (model,)
 
 
@@ -361,7 +361,7 @@ class GenRefocusBokehNet:
         _require_adapter(pipe, BOKEH_ADAPTER.name, "BokehNet")
         if aperture is not None:
             _require_adapter(pipe, APERTURE_ADAPTER.name, "BokehNet with an aperture shape")
-        if not isinstance(defocus, DefocusData):
+        if not isinstance(defocus, Defocus):
             raise InputError("BokehNet: 'defocus' must come from the Defocus Map node.")
         settings = _settings(sampler, BOKEH.seed)
         images, coc = broadcast_batches((to_image_batch(image, "image"), "image"), (defocus.signed_coc, "defocus"))

@@ -339,7 +339,7 @@ def test_defocus_map_lens_and_errors(pack):
     with pytest.raises(InputError, match="depth node"):
         node.build(torch.zeros(1, 4, 4), **DEFAULTS)
     zero = node.build(_depth(pack, disp), **{**DEFAULTS, "K": 0.0})["result"][0]
-    assert zero.defocus_px.abs().max() == 0
+    assert zero.signed_coc.abs().max() == 0
 
 
 # ---------------------------------------------------------------------------------------- workflows
@@ -659,7 +659,7 @@ def test_node_and_cli_agree_on_lens_controls(pack, tmp_path):
     np.save(tmp_path / "depth.npy", depth[0].numpy())
     photo = load_image(tmp_path / "in.png")
     maps = sub(pack, "common").DepthMaps(disparity=disparity_from_external(depth, kind="depth", scale="metric"),
-                                         metric=True, source="test")
+                                         metric=True)
     spec = _node(pack, "GenRefocusClassicalBokeh").INPUT_TYPES()["required"]
     defaults = cli_render.build_parser().parse_args(["--image", "a", "--out", "b", "--depth", "c"])
     assert spec["highlight_boost"][1]["default"] == defaults.highlight_boost > 0  # one shared default
