@@ -35,4 +35,6 @@ def collect_nodes() -> tuple[dict, dict, dict]:
             continue
         classes.update(mod.NODE_CLASS_MAPPINGS)
         names.update(mod.NODE_DISPLAY_NAME_MAPPINGS)
+    from .search_aliases import attach
+    attach(classes)
     return classes, names, failed

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from genrefocus_core.basics.errors import MissingModelFileError
 
+from .model_catalog import download_hint
+
 log = logging.getLogger("GenRefocus")
 
 # Our own model folders (name used with folder_paths -> sub-folder of ComfyUI's models dir).
@@ -113,25 +115,46 @@ def list_models(folder: str) -> list[str]:
     return sorted(out)
 
 
+def _find_model(folder: str, filename: str) -> str | None:
+    fp = folder_paths()
+    if fp is not None:
+        try:
+            return fp.get_full_path(folder, filename)
+        except KeyError:
+            return None
+    base = _fallback_models_dir()
+    if base is not None and (base / folder / filename).is_file():
+        return str(base / folder / filename)
+    return None
+
+
 def model_path(folder: str, filename: str) -> str:
     """Full path of `filename` in model folder `folder`; MissingModelFileError naming both otherwise."""
     if not filename:
         raise MissingModelFileError("(none selected)", folder_hint(folder),
                                     "Choose a file in the node's model picker (refresh the page after adding files).")
-    fp = folder_paths()
-    full = None
-    if fp is not None:
-        try:
-            full = fp.get_full_path(folder, filename)
-        except KeyError:
-            full = None
-    else:
-        base = _fallback_models_dir()
-        if base is not None and (base / folder / filename).is_file():
-            full = str(base / folder / filename)
+    full = _find_model(folder, filename)
     if full is None:
-        raise MissingModelFileError(filename, folder_hint(folder))
+        raise MissingModelFileError(filename, folder_hint(folder), download_hint(filename).strip())
     return full
+
+
+def require_model_files(choices: list[tuple[str, str]], none: str = "none") -> None:
+    """Check every (folder, file name) a node was given before loading anything: one error naming each
+    missing file, its folder and (for the released files) where to download it.
+
+    The loader nodes accept any name at validation (their VALIDATE_INPUTS), so that a workflow naming
+    files that are not installed yet reaches this message instead of ComfyUI's "Value not in list"."""
+    missing = [(folder, name) for folder, name in choices if name and name != none and _find_model(folder, name) is None]
+    if not missing:
+        return
+    if len(missing) == 1:
+        folder, name = missing[0]
+        raise MissingModelFileError(name, folder_hint(folder), download_hint(name).strip())
+    err = MissingModelFileError(", ".join(n for _, n in missing), "; ".join(folder_hint(f) for f, _ in missing))
+    err.args = ("Model files not found: " + " ".join(
+        f"'{n}': put it in {folder_hint(f)}.{download_hint(n)}" for f, n in missing),)
+    raise err
 
 
 # ------------------------------------------------------------------ devices and memory

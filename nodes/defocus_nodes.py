@@ -165,4 +165,4 @@ class GenRefocusDefocusMap:
 
 
 NODE_CLASS_MAPPINGS = {"GenRefocusDefocusMap": GenRefocusDefocusMap}
-NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusDefocusMap": "Defocus Map (GenRefocus)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusDefocusMap": "Defocus Map: Depth of Field (GenRefocus)"}

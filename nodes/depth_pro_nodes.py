@@ -62,6 +62,12 @@ class GenRefocusLoadDepthPro:
                                           default="auto")),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        """Any name passes here, so that a missing file reaches `load`'s message (file, folder, download)
+        instead of ComfyUI's "Value not in list"."""
+        return True
+
     RETURN_TYPES = (DEPTH_MODEL,)
     RETURN_NAMES = ("depth_model",)
     OUTPUT_TOOLTIPS = ("The loaded Depth Pro model, for Depth Estimate.",)

@@ -174,6 +174,13 @@ class GenRefocusLoadModel:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, flux_model, vae_name, deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora,
+                        prompt_embeddings):
+        """Accept any file name here: ComfyUI's own check ("Value not in list") would reject a workflow naming
+        a file not installed yet before `load` can say which file goes in which folder."""
+        return True
+
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("genrefocus_model",)
     OUTPUT_TOOLTIPS = ("FLUX.1-dev with the GenRefocus adapters, for DeblurNet and BokehNet.",)
@@ -183,6 +190,8 @@ class GenRefocusLoadModel:
     def load(self, flux_model, vae_name, deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora,
              prompt_embeddings, memory_mode, clip=None):
         mode = resolve_memory_mode(memory_mode)
+        comfy_bridge.require_model_files([("diffusion_models", flux_model), ("vae", vae_name)] + [
+            ("genrefocus", f) for f in (deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora, prompt_embeddings)])
         flux_path = comfy_bridge.model_path("diffusion_models", flux_model)
         vae_path = comfy_bridge.model_path("vae", vae_name)
         chosen = {"deblur_lora": deblur_lora, "bokeh_lora": bokeh_lora, "pre_deblur_lora": pre_deblur_lora,
@@ -379,5 +388,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "GenRefocusLoadModel": "Load GenRefocus (FLUX + LoRAs)",
     "GenRefocusTiledSampler": "Tiled Sampler (GenRefocus)",
     "GenRefocusDeblurNet": "DeblurNet (GenRefocus)",
-    "GenRefocusBokehNet": "BokehNet (GenRefocus)",
+    "GenRefocusBokehNet": "FLUX BokehNet (GenRefocus)",
 }

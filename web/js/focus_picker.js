@@ -3,10 +3,13 @@
 // the image width / height, ordinary widget values, so workflows stay shareable) and switch focus_mode
 // to "point". The chosen point is drawn as a marker over the preview. Works with the canvas image
 // preview widget of current front ends and with the older onDrawBackground image drawing.
+// The last preview is remembered in the node's properties (the front end keeps node outputs only in
+// page memory), so the thing to click on is still there after a page reload.
 import { app } from "../../scripts/app.js";
 
 const NODE_TYPES = new Set(["GenRefocusDefocusMap"]);
 const PREVIEW_WIDGET = "$$canvas-image-preview";
+const PREVIEW_PROPERTY = "genrefocus_preview";
 
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
@@ -123,10 +126,39 @@ function drawMarker(node, ctx) {
   ctx.restore();
 }
 
+// Remember the preview images of a run ({filename, subfolder, type} on the server, usually temp/).
+function rememberPreview(node, images) {
+  if (!Array.isArray(images) || !images.length) return;
+  node.properties = node.properties ?? {};
+  node.properties[PREVIEW_PROPERTY] = images.map(({ filename, subfolder, type }) => ({ filename, subfolder, type }));
+  // let the front end persist the workflow (with this property) for the next page load
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+
+// Show the remembered preview again when the node has no output of this page session.
+function restorePreview(node) {
+  const saved = node.properties?.[PREVIEW_PROPERTY];
+  if (!Array.isArray(saved) || !saved.length || !app.nodeOutputs) return;
+  const key = String(node.id);
+  if (app.nodeOutputs[key]?.images?.length) return;
+  app.nodeOutputs[key] = { images: saved.map((i) => ({ ...i })) };
+  node.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "GenRefocus.FocusPicker",
+  loadedGraphNode(node) {
+    if (NODE_TYPES.has(node.type)) restorePreview(node);
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_TYPES.has(nodeData.name)) return;
+
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      rememberPreview(this, message?.images);
+      return r;
+    };
 
     const onDrawForeground = nodeType.prototype.onDrawForeground;
     nodeType.prototype.onDrawForeground = function (ctx) {
