@@ -92,9 +92,18 @@ async function searchBox(page, query, add) {
   await closeDialogs(page);
   const c = await page.evaluate(() => { const b = window.app.canvas.canvas.getBoundingClientRect(); return [b.left + b.width / 2, b.top + b.height - 120]; });
   await page.evaluate(() => { window.app.canvas.ds.offset = [-5000, -5000]; window.app.canvas.setDirty(true, true); });
-  await page.mouse.dblclick(c[0], c[1]);
   const input = page.locator('.comfy-vue-node-search-container input, input.comfy-vue-node-search-box, .p-autocomplete-input').first();
-  await input.waitFor({ timeout: 10000 });
+  // a double click on empty canvas opens the box; on a busy machine the first one can be missed
+  for (let attempt = 0; ; attempt++) {
+    await page.mouse.dblclick(c[0], c[1]);
+    try {
+      await input.waitFor({ timeout: 15000 });
+      break;
+    } catch (e) {
+      if (attempt >= 2) throw e;
+      await closeDialogs(page);
+    }
+  }
   await input.fill(query);
   await page.waitForTimeout(800);
   const titles = await page.evaluate(() => [...document.querySelectorAll('.p-autocomplete-option')]
