@@ -14,14 +14,7 @@ from genrefocus_core.generative import flux_loading as fl
 from genrefocus_core.generative import model_files as mf
 from genrefocus_core.basics.errors import MissingModelFileError, ModelFileError
 from numerics import assert_fp32_close
-
-# One forward of the tiny FLUX transformer as a chain of fp32 reductions (tests/numerics.py): time,
-# guidance and text embedders (K up to 256, the sinusoid width) 3; per double block (2) AdaLN, LayerNorm,
-# q/k/v, RMSNorm, scores, softmax (24 tokens), P.V, out, LayerNorm, ff1, ff2 (K=128) = 11; per single block
-# (2) AdaLN, LayerNorm, q/k/v+mlp, RMSNorm, scores, softmax, P.V, proj_out (K=160) = 8; output AdaLN,
-# LayerNorm, projection 3 -> depth 44, K 256.
-FLUX_FORWARD_CHAIN = dict(depth=44, reduction=256)
-
+from tiny_flux import FLUX_FORWARD_CHAIN
 from flux_files import diffusers_to_bfl_transformer, diffusers_to_ldm_vae, write_bfl_transformer
 
 
