@@ -156,9 +156,15 @@ async function closeDialogs(page) {
     const read = () => page.evaluate((id) => {
       const n = window.app.graph.getNodeById(id);
       const w = (k) => n.widgets.find((x) => x.name === k).value;
-      return { focus_x: w('focus_x'), focus_y: w('focus_y'), focus_mode: w('focus_mode') };
+      return { focus_x: w('focus_x'), focus_y: w('focus_y'), focus_mode: w('focus_mode'), focus_distance_m: w('focus_distance_m') };
     }, nodeId);
     result.before = await read();
+    // focused by distance first: a click must replace it (the node refuses two focus choices in lens mode)
+    await page.evaluate((id) => {
+      const ws = window.app.graph.getNodeById(id).widgets;
+      ws.find((x) => x.name === 'focus_mode').value = 'distance';
+      ws.find((x) => x.name === 'focus_distance_m').value = 3.0;
+    }, nodeId);
     // a fresh K so that the server cannot answer from its cache (cached nodes send no preview)
     await page.evaluate((id) => {
       const w = window.app.graph.getNodeById(id).widgets.find((x) => x.name === 'K');

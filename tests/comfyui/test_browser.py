@@ -88,6 +88,7 @@ def test_clicking_the_preview_sets_the_focus(comfy_server, tmp_path):
     assert r["after"]["focus_x"] == pytest.approx(0.25, abs=0.01), r
     assert r["after"]["focus_y"] == pytest.approx(0.75, abs=0.01), r
     assert r["after"]["focus_mode"] == "point"
+    assert r["after"]["focus_distance_m"] == 0, r  # the click replaced the distance focus set before the run
 
 
 def _overlap(a, b) -> float:

@@ -70,6 +70,8 @@ export function pickFocus(node, localX, localY) {
   setWidget(node, "focus_x", Math.round(fx * 1000) / 1000);
   setWidget(node, "focus_y", Math.round(fy * 1000) / 1000);
   if (widget(node, "focus_mode")?.value !== "point") setWidget(node, "focus_mode", "point");
+  // A lens has one focus: a click replaces a focus distance set earlier (the node refuses both at once).
+  if ((widget(node, "focus_distance_m")?.value ?? 0) > 0) setWidget(node, "focus_distance_m", 0);
   node.setDirtyCanvas?.(true, true);
   app.graph?.setDirtyCanvas?.(true, true);
   return true;
