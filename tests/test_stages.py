@@ -109,6 +109,40 @@ def test_bokeh_batch_with_one_in_focus_image(pipe):
     assert torch.equal(out[0], image[0]) and not torch.equal(out[1], image[1])
 
 
+def test_focus_pull_frames_share_the_noise_so_only_the_blur_changes(pipe):
+    """A rack focus on the built-in scene through BokehNet with one seed: every frame is sampled from the
+    same noise, so frames differ only through their defocus maps. (Where in the frame they differ is the
+    network's business: the tiny random transformer attends globally, so no spatial locality is claimed.)"""
+    from genrefocus_core.basics import focus_pull
+    from genrefocus_core.basics.defocus import disparity_from_depth
+    from genrefocus_core.basics.scene import CARD_M, make_scene
+
+    image, depth = make_scene(32, 32, seed=0)
+    disp = disparity_from_depth(depth)
+    pull = focus_pull.focus_pull(disp, f"0: distance {CARD_M}\n1: distance {CARD_M}\n3: distance 20 linear",
+                                 frames=4, K=30.0)
+    maps = pull.signed_coc(disp).abs()
+    assert torch.equal(maps[0], maps[1]) and not torch.equal(maps[2], maps[3])
+    frames = pipe.bokeh(image, maps, settings=FAST_BOKEH)  # the still serves every frame
+    # equal blur -> equal frames (one batched computation per frame on the same inputs: bit-equal)
+    assert torch.equal(frames[0], frames[1])
+    assert (frames[2] - frames[3]).abs().max() > 1e-3
+    # each frame is what a run on that frame alone gives: batched vs single fp32 matmuls differ in
+    # summation order only (measured 2e-6; 1e-4 leaves room for other BLAS kernels)
+    alone = pipe.bokeh(image, maps[2:3], settings=FAST_BOKEH)
+    assert (frames[2] - alone[0]).abs().max() < 1e-4
+    # changing one frame's blur leaves the other frames exactly as they were
+    other = maps.clone()
+    other[3] = maps[2]
+    again = pipe.bokeh(image, other, settings=FAST_BOKEH)
+    assert torch.equal(again[:3], frames[:3]) and torch.equal(again[3], frames[2])
+    # with independent noise per image the equal-blur frames differ: the test above can fail
+    independent = pipe.bokeh(image, maps[:2], settings=SamplerSettings(steps=2, seed=1234, batch_noise="independent"))
+    assert (independent[0] - independent[1]).abs().max() > 1e-2
+    with pytest.raises(InputError, match="batch_noise"):
+        pipe.bokeh(image, maps, settings=SamplerSettings(steps=2, batch_noise="per frame"))
+
+
 def test_bokeh_depends_on_the_defocus_map(pipe):
     image = _image(32, 32)
     a = pipe.bokeh(image, _defocus(32, 32, scale=5.0), settings=FAST_BOKEH)

@@ -84,11 +84,14 @@ def vae_codec(vae):
     return vae if hasattr(vae, "encode_posterior") else DiffusersVae(vae)
 
 
-def vae_encode(vae, images_bchw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def vae_encode(vae, images_bchw: torch.Tensor, generator: torch.Generator | None = None,
+               shared_noise: bool = False) -> torch.Tensor:
     """VAE-encode [B, 3, H, W] (in the VAE's input range, on the execution device) and draw one posterior sample
     -> normalised latents `(z - shift) * scale` [B, 16, H/8, W/8].
 
     generator None draws from the global torch RNG (the reference's protocol: diffusers' `sample()`).
+    shared_noise: one posterior noise for every image of the batch, drawn as for a batch of one (with a
+    generator).
     """
     codec = vae_codec(vae)
     # inputs stay on their device (the execution device; offload hooks bring the weights there)
@@ -96,7 +99,8 @@ def vae_encode(vae, images_bchw: torch.Tensor, generator: torch.Generator | None
     if generator is None:
         noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)
     else:
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+        shape = (1, *mean.shape[1:]) if shared_noise else mean.shape
+        noise = torch.randn(shape, generator=generator, dtype=mean.dtype,
                             device=generator.device).to(mean.device)
     z = mean + std * noise
     return (z - codec.shift_factor) * codec.scaling_factor
@@ -109,14 +113,15 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 def encode_condition(vae, images_bchw: torch.Tensor, adapters, delta=(0, 0), *, rgb: bool = True,
-                     generator: torch.Generator | None = None, spatial: bool = True) -> ConditionTokens:
+                     generator: torch.Generator | None = None, spatial: bool = True,
+                     shared_noise: bool = False) -> ConditionTokens:
     """A condition image [B, 3, H, W] -> ConditionTokens on the image grid shifted by `delta`.
 
     rgb=True maps [0, 1] to the VAE's [-1, 1] (as the reference's image preprocessing does);
     rgb=False feeds the values raw (the defocus-map condition).
     """
     x = images_bchw * 2.0 - 1.0 if rgb else images_bchw
-    latents = vae_encode(vae, x, generator)
+    latents = vae_encode(vae, x, generator, shared_noise)
     tokens = pack_latents(latents)
     rows, cols = latents.shape[-2] // 2, latents.shape[-1] // 2
     ids = position_ids(rows, cols, delta, device=tokens.device)

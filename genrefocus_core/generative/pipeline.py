@@ -127,8 +127,10 @@ class GenRefocusPipeline:
         return emb
 
     def _rng(self, settings: SamplerSettings, batch: int, rows: int, cols: int):
-        """Initial packed latents [B, L, 64] and the generator for the VAE samples (None = global RNG),
-        drawn in the reference's order (latents first)."""
+        """Initial packed latents [B, L, 64] and (generator for the VAE samples (None = global RNG),
+        whether one noise serves the whole batch), drawn in the reference's order (latents first).
+        With batch_noise "shared" (local RNG) every image gets the noise a batch of one would get, so
+        the frames of a clip differ only where their inputs differ."""
         if settings.rng == "reference":
             torch.manual_seed(settings.reference_global_seed)
             self.last_seed = settings.seed
@@ -138,15 +140,18 @@ class GenRefocusPipeline:
             seed = resolve_seed(settings.seed)
             self.last_seed = seed
             latent_gen = vae_gen = torch.Generator("cpu").manual_seed(seed)
+        shared = settings.rng == "local" and settings.batch_noise == "shared"
         if settings.noise is not None:
             noise = check_noise(settings.noise, batch, rows, cols)
         else:
-            noise = initial_noise(batch, rows, cols, latent_gen)
-        return pack_latents(noise.contiguous()), vae_gen
+            noise = initial_noise(1 if shared else batch, rows, cols, latent_gen).expand(batch, -1, -1, -1)
+        return pack_latents(noise.contiguous()), (vae_gen, shared)
 
-    def _encode(self, images_bchw: torch.Tensor, adapters, delta, generator, *, rgb=True, spatial=True) -> ConditionTokens:
+    def _encode(self, images_bchw: torch.Tensor, adapters, delta, vae_noise, *, rgb=True, spatial=True) -> ConditionTokens:
         x = images_bchw.to(device=self.device, dtype=vae_codec(self.vae).dtype)
-        cond = encode_condition(self.vae, x, adapters, delta, rgb=rgb, generator=generator, spatial=spatial)
+        generator, shared = vae_noise
+        cond = encode_condition(self.vae, x, adapters, delta, rgb=rgb, generator=generator, spatial=spatial,
+                                shared_noise=shared)
         cond.tokens = cond.tokens.to(self.device)
         return cond
 
@@ -207,12 +212,12 @@ class GenRefocusPipeline:
                     pre = F.interpolate(pre, size=(H, W), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
                 pre = pad_to_multiple(pre.expand(B, -1, -1, -1), 16)[0]
 
-        latents, vae_gen = self._rng(settings, B, rows, cols)
+        latents, vae_noise = self._rng(settings, B, rows, cols)
         with torch.no_grad(), self._stage(self.vae):
             conditions = []
             if pre is not None:
-                conditions.append(self._encode(pre, (adapter,), PRE_DEBLUR_DELTA, vae_gen))
-            conditions.append(self._encode(x, (adapter,), (0, 0), vae_gen))
+                conditions.append(self._encode(pre, (adapter,), PRE_DEBLUR_DELTA, vae_noise))
+            conditions.append(self._encode(x, (adapter,), (0, 0), vae_noise))
         guidance = DEBLUR.guidance if settings.guidance is None else settings.guidance
         final = self._sample(DEBLUR.name, latents, conditions, rows, cols, guidance, settings, callback)
         return self._decode(final, rows, cols, size)
@@ -221,14 +226,18 @@ class GenRefocusPipeline:
               callback: ProgressCallback | None = None) -> torch.Tensor:
         """Refocused image [B, H, W, 3] from the all-in-focus image and the defocus map [B, H, W]
         (|K * (disparity - focus disparity)| in px, `defocus.defocus_map`; a single map serves a whole
-        batch). Images whose defocus map is all zero (K = 0) are returned unchanged without sampling.
+        batch, and a single image serves a batch of maps: a still refocused frame by frame, as in a
+        focus pull). Images whose defocus map is all zero (K = 0) are returned unchanged without sampling.
         `aperture`: an apertures.Aperture (anything with `.condition_image(h, w)`) -> needs the
         aperture adapter.
         """
         settings = settings.validated()
         image = to_image_batch(aif_image, "all-in-focus image")
+        maps = to_map_batch(defocus_px, "defocus map")
+        if image.shape[0] == 1 and maps.shape[0] > 1:
+            image = image.expand(maps.shape[0], -1, -1, -1)
         B, H, W, _ = image.shape
-        defocus = to_map_batch(defocus_px, "defocus map", batch=B).float()
+        defocus = to_map_batch(maps, "defocus map", batch=B).float()
         if defocus.shape[-2:] != (H, W):
             raise InputError(
                 f"Defocus map is {defocus.shape[-1]}x{defocus.shape[-2]} px but the image is {W}x{H}: they must match "
@@ -250,17 +259,17 @@ class GenRefocusPipeline:
         condition_map = network_condition(d[:, 0])  # [B, 3, Hp, Wp] in [0, 1]
         tiled = use_tiling(settings, rows, cols)
 
-        latents, vae_gen = self._rng(settings, B, rows, cols)
+        latents, vae_noise = self._rng(settings, B, rows, cols)
         with torch.no_grad(), self._stage(self.vae):
             conditions = [
-                self._encode(x, (BOKEH_ADAPTER.name,), (0, 0), vae_gen),
-                self._encode(condition_map, (BOKEH_ADAPTER.name,), (0, 0), vae_gen, rgb=False),
+                self._encode(x, (BOKEH_ADAPTER.name,), (0, 0), vae_noise),
+                self._encode(condition_map, (BOKEH_ADAPTER.name,), (0, 0), vae_noise, rgb=False),
             ]
             if aperture is not None:
                 ap_rows, ap_cols = (settings.tile_size, settings.tile_size) if tiled else (rows, cols)
                 shape_image = to_image_batch(aperture.condition_image(ap_rows * 16, ap_cols * 16), "aperture image")
                 shape_bchw = bhwc_to_bchw(shape_image[:1]).expand(B, -1, -1, -1)
-                conditions.append(self._encode(shape_bchw, (APERTURE_ADAPTER.name,), (0, -ap_cols), vae_gen, spatial=False))
+                conditions.append(self._encode(shape_bchw, (APERTURE_ADAPTER.name,), (0, -ap_cols), vae_noise, spatial=False))
         guidance = BOKEH.guidance if settings.guidance is None else settings.guidance
         final = self._sample(BOKEH.name, latents, conditions, rows, cols, guidance, settings, callback)
         out = self._decode(final, rows, cols, size)

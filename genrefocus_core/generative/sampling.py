@@ -41,6 +41,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 AUTO_TILING_MIN_SIDE_PX = 512
 
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
+BATCH_NOISE = ("shared", "independent")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class SamplerSettings:
         (the bokeh script: 1234), else from the global RNG (the deblur script); the VAE samples
         come from the global RNG in condition order.
     guidance: FLUX guidance-embedding scale; None = the stage's default (deblur 3.5, bokeh 1.0).
+    batch_noise: "shared" (default): every image of a batch is sampled from the noise (initial and
+        VAE posterior) that a batch of one gets from this seed, so image i equals a run on image i
+        alone and the frames of a clip (a focus pull) differ only where their inputs differ;
+        "independent": one draw for the whole batch, every image its own noise. The "reference"
+        protocol always draws independently, as the official scripts do.
     """
 
     steps: int = 28
@@ -74,6 +80,7 @@ class SamplerSettings:
     rng: str = "local"
     reference_global_seed: int = 42
     guidance: float | None = None
+    batch_noise: str = "shared"
 
     def validated(self) -> "SamplerSettings":
         """Check every field; raise InputError with the reason."""
@@ -92,6 +99,8 @@ class SamplerSettings:
             raise InputError(f"tile_batch must be a whole number >= 1, got {self.tile_batch!r}.")
         if self.rng not in ("local", "reference"):
             raise InputError(f"rng must be 'local' or 'reference', got {self.rng!r}.")
+        if self.batch_noise not in BATCH_NOISE:
+            raise InputError(f"batch_noise must be one of {', '.join(BATCH_NOISE)}, got {self.batch_noise!r}.")
         if self.guidance is not None and not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance)):
             raise InputError(f"guidance must be a finite number or None, got {self.guidance!r}.")
         if self.noise is not None and not isinstance(self.noise, torch.Tensor):
