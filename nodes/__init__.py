@@ -18,6 +18,7 @@ NODE_MODULES = {
     "depth_nodes": "torch, numpy, pillow (depth maps from images and files)",
     "depth_pro_nodes": "transformers (Depth Pro)",
     "defocus_nodes": "torch (defocus maps)",
+    "focus_pull_nodes": "torch (focus pulls over frames)",
     "classical_nodes": "torch (classical bokeh renderer)",
     "generative_nodes": "diffusers, peft, transformers, safetensors (FLUX DeblurNet/BokehNet)",
 }

@@ -3,7 +3,7 @@ point lights) as an IMAGE with its exact depth, so the pack can be tried without
 from __future__ import annotations
 
 from genrefocus_core.basics.defocus import disparity_from_depth
-from genrefocus_core.basics.scene import make_scene
+from genrefocus_core.basics.scene import MAX_CLIP_FRAMES, make_scene, make_scene_clip
 
 from .common import CATEGORY, DEPTH, DepthMaps, tip
 from .previews import disparity_preview
@@ -30,11 +30,34 @@ class GenRefocusScene:
     CATEGORY = CATEGORY
 
     def make(self, width, height, seed):
-        image, depth_m = make_scene(height=int(height), width=int(width), seed=int(seed))
-        disp = disparity_from_depth(depth_m)
-        maps = DepthMaps(disparity=disp, metric=True)
-        return (image, maps, disparity_preview(disp))
+        return scene_outputs(*make_scene(height=int(height), width=int(width), seed=int(seed)))
 
 
-NODE_CLASS_MAPPINGS = {"GenRefocusScene": GenRefocusScene}
-NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusScene": "Test Scene (GenRefocus)"}
+def scene_outputs(images, depth_m):
+    """(images, depth maps, disparity preview) of a generated scene with exact metric depth."""
+    disp = disparity_from_depth(depth_m)
+    return (images, DepthMaps(disparity=disp, metric=True), disparity_preview(disp))
+
+
+class GenRefocusSceneClip(GenRefocusScene):
+    DESCRIPTION = ("The test scene as a clip with exact metric depth in every frame: the camera stands still and a "
+                   "round sign enters from the left (absent from the first frame). Try focus pulls and video "
+                   "depth without any footage or weights.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        spec = super().INPUT_TYPES()
+        spec["required"]["frames"] = ("INT", tip("Number of frames of the clip.", default=24, min=1,
+                                                 max=MAX_CLIP_FRAMES, step=1))
+        return spec
+
+    OUTPUT_TOOLTIPS = ("The clip's frames, sharp everywhere.", "Their exact metric depth, for Defocus Map or "
+                       "Focus Pull.", "Disparity preview: bright = near (one scale for the whole clip).")
+
+    def make(self, width, height, seed, frames=24):
+        return scene_outputs(*make_scene_clip(height=int(height), width=int(width), frames=int(frames), seed=int(seed)))
+
+
+NODE_CLASS_MAPPINGS = {"GenRefocusScene": GenRefocusScene, "GenRefocusSceneClip": GenRefocusSceneClip}
+NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusScene": "Test Scene (GenRefocus)",
+                              "GenRefocusSceneClip": "Test Scene Clip (GenRefocus)"}

@@ -83,10 +83,15 @@ def test_a_clip_of_frames_resolves_points_on_their_own_frames(scene):
 
 def test_parsing_and_bad_keyframes(scene):
     _, _, disp = scene
-    keys = fp.parse_keyframes("# rack focus\n10: distance 2.5, K=30 linear\n\n0: point 0.5, 0.5\n4: value .25 hold")
-    assert [k.frame for k in keys] == [0, 4, 10]
-    assert keys[2] == fp.FocusKeyframe(10, "distance", (2.5,), 30.0, "linear")
-    assert keys[1].easing == "hold" and keys[0].values == (0.5, 0.5)
+    keys = fp.parse_keyframes("# rack focus\n10: distance 2.5, K=30 linear\n\n0: point 0.5, 0.5\nLast: value .25 hold")
+    assert [k.frame for k in keys] == [10, 0, fp.LAST_FRAME]
+    assert keys[0] == fp.FocusKeyframe(10, "distance", (2.5,), 30.0, "linear")
+    assert keys[2].easing == "hold" and keys[1].values == (0.5, 0.5)
+    # "last" is the clip's last frame, whatever its length
+    pull = fp.focus_pull(disp, keys, frames=12)
+    assert float(pull.focus_disparity[11]) == 0.25 and float(pull.focus_disparity[10]) == pytest.approx(0.4)
+    with pytest.raises(InputError, match="twice"):
+        fp.focus_pull(disp, "0: depth 0\nlast: depth 1", frames=1)
     bad = {
         "point 0.5 0.5": "line 1",                      # no frame
         "0: point 0.5": "2 number",                      # one coordinate

@@ -469,6 +469,51 @@ def test_scene_aperture_classical_nodes(pack):
         bokeh.render(torch.rand(3, 64, 96, 3), data, 0.0, 0.9, "srgb")
 
 
+def test_scene_clip_focus_pull_and_classical_bokeh(pack):
+    """A rack focus through the nodes: a still repeated into frames, and a clip with depth per frame."""
+    from genrefocus_core.basics.errors import InputError
+    from genrefocus_core.basics.scene import PILLAR_M, SIGN_M, make_scene, make_scene_clip
+    pull = _node(pack, "GenRefocusFocusPull")
+    bokeh = _node(pack, "GenRefocusClassicalBokeh")
+    image, depth, _ = _node(pack, "GenRefocusScene").make(96, 64, 0)
+    depth_m = make_scene(64, 96, seed=0)[1][0]
+    # a still: frames from the repeated image's batch (frames = 0), or set directly
+    keys = f"0: distance {PILLAR_M}\nlast: depth 1 K=30 linear"
+    out = pull.pull(depth, keys, 0, 20.0, "ease-in-out", image=image.expand(5, -1, -1, -1))
+    data, preview, radius, in_focus = out["result"]
+    assert data.signed_coc.shape == (5, 64, 96) and preview.shape == (5, 64, 96, 3)
+    assert radius.shape == in_focus.shape == (5, 64, 96)
+    assert data.signed_coc[0][depth_m == PILLAR_M].abs().max() == 0
+    assert (in_focus[0][depth_m == PILLAR_M] == 1).all() and (in_focus[4][depth_m == 20.0] == 1).all()
+    assert data.signed_coc[4][depth_m == 20.0].abs().max() == 0
+    assert data.K.tolist() == pytest.approx([20.0, 22.5, 25.0, 27.5, 30.0])
+    direct = pull.pull(depth, keys, 5, 20.0, "ease-in-out")["result"][0]
+    assert torch.equal(direct.signed_coc, data.signed_coc)
+    (frames,) = bokeh.render(image, data, 0.0, 0.9, "srgb")  # the still serves every frame
+    assert frames.shape == (5, 64, 96, 3)
+    pillar = depth_m == PILLAR_M
+    # sharp where the blur radius is zero (only light from blurred neighbours in front reaches it)
+    sharp, blurred = ((frames[f][pillar] - image[0][pillar]).abs().mean() for f in (0, 4))
+    assert sharp < 0.1 * blurred and blurred > 0.01
+    # a clip: the sign enters from the left, the pull racks from the far wall to it
+    clip, clip_depth, _ = _node(pack, "GenRefocusSceneClip").make(96, 64, 0, 6)
+    clip_m = make_scene_clip(64, 96, frames=6, seed=0)[1]
+    assert clip.shape == (6, 64, 96, 3) and clip_depth.disparity.shape == (6, 64, 96) and clip_depth.metric
+    assert torch.allclose(clip_depth.disparity, 1.0 / clip_m)
+    data = pull.pull(clip_depth, f"0: depth 1\n5: distance {SIGN_M} hold", 0, 20.0, "ease-in-out", image=clip)["result"][0]
+    assert data.signed_coc.shape == (6, 64, 96)
+    assert data.signed_coc[5][clip_m[5] == SIGN_M].abs().max() == 0
+    assert torch.equal(data.signed_coc[:5], pull.pull(clip_depth, "0: depth 1", 0, 20.0, "linear")["result"][0].signed_coc[:5])
+    with pytest.raises(InputError, match="6 frames but the pull asks for 4"):
+        pull.pull(clip_depth, "0: depth 1", 4, 20.0, "linear")
+    with pytest.raises(InputError, match="image batch of 3"):
+        pull.pull(depth, "0: depth 1", 5, 20.0, "linear", image=image.expand(3, -1, -1, -1))
+    with pytest.raises(InputError, match="line 1"):
+        pull.pull(depth, "zero: depth 1", 5, 20.0, "linear")
+    with pytest.raises(InputError, match="depth node"):
+        pull.pull(torch.zeros(1, 8, 8), "0: depth 1", 5, 20.0, "linear")
+
+
 # ---------------------------------------------------------------------------------------- generative (tiny)
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, tiny_dir):

@@ -7,7 +7,8 @@ from PIL import Image
 from genrefocus_core.cli import render as cli_render, demo
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import save_image
-from genrefocus_core.basics.scene import CARD_M, FAR_WALL_M, PILLAR_M, make_scene, scene_landmarks
+from genrefocus_core.basics.scene import (CARD_M, FAR_WALL_M, PILLAR_M, SIGN_M, make_scene, make_scene_clip,
+                                         scene_landmarks)
 
 
 def test_scene_is_deterministic_with_exact_depth():
@@ -27,6 +28,22 @@ def test_scene_is_deterministic_with_exact_depth():
     assert float((img.amax(-1) > 0.97).sum()) > 5  # point lights
     with pytest.raises(InputError):
         make_scene(4, 100)
+
+
+def test_scene_clip_a_sign_enters_behind_the_card():
+    images, depth = make_scene_clip(64, 96, frames=5, seed=2)
+    still, still_depth = make_scene(64, 96, seed=2)
+    assert images.shape == (5, 64, 96, 3) and depth.shape == (5, 64, 96)
+    assert torch.equal(images[0], still[0]) and torch.equal(depth[0], still_depth[0])  # frame 0: no sign
+    sign = [int((depth[f] == SIGN_M).sum()) for f in range(5)]
+    assert sign[0] == 0 and 0 < sign[1] < sign[4]
+    changed = depth[4] != depth[0]
+    assert (depth[4][changed] == SIGN_M).all() and (depth[0][changed] > SIGN_M).all()  # never in front of the card
+    assert (depth[4][depth[0] == depth[0].min()] < SIGN_M).all()
+    assert make_scene_clip(16, 16, frames=1)[0].shape == (1, 16, 16, 3)
+    for bad in (0, 2.5, True):
+        with pytest.raises(InputError, match="frames"):
+            make_scene_clip(16, 16, frames=bad)
 
 
 def test_demo_writes_renders_and_contact_sheet(tmp_path, capsys):

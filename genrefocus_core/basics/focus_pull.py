@@ -16,32 +16,35 @@ changes at a constant rate. Before the first keyframe and after the last the foc
 A keyframe may also set the blur level K; K then moves with the same easing. A keyframe without K
 keeps the one before it (the first: the pull's default K).
 
-Keyframes as text (what the node's widget holds), one per line, `#` starts a comment:
+Keyframes as text (what the node's widget holds), one per line, `#` starts a comment; `last` is
+the clip's last frame, whatever its length:
     0: point 0.2 0.72
     12: distance 6 ease-in-out
     20: depth 1 K=35 hold
-    30: value 0.5 linear
+    last: value 0.5 linear
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .defocus import check_blur_level, disparity_range, resolve_focus, signed_coc
+from .defocus import Defocus, check_blur_level, disparity_range, resolve_focus, signed_coc
 from .errors import InputError
 from .images import to_map_batch
 
 EASINGS = ("linear", "ease-in-out", "hold")
 KEYFRAME_MODES = {"point": 2, "distance": 1, "depth": 1, "value": 1}  # mode -> how many numbers
 MAX_FRAMES = 100_000
+LAST_FRAME = -1  # a keyframe's frame: the clip's last frame
 
 
 @dataclass(frozen=True)
 class FocusKeyframe:
-    """Focus at one frame. mode: one of KEYFRAME_MODES; values: (x, y) for a point, else one number;
+    """Focus at one frame (LAST_FRAME: the clip's last). mode: one of KEYFRAME_MODES; values: (x, y)
+    for a point, else one number;
     K: blur level from here on (None = keep the previous one); easing: how the focus arrives here
     (None = the pull's default)."""
 
@@ -52,8 +55,9 @@ class FocusKeyframe:
     easing: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.frame, bool) or not isinstance(self.frame, int) or not 0 <= self.frame < MAX_FRAMES:
-            raise InputError(f"Keyframe frame must be a whole number in [0, {MAX_FRAMES}), got {self.frame!r}.")
+        if isinstance(self.frame, bool) or not isinstance(self.frame, int) or not LAST_FRAME <= self.frame < MAX_FRAMES:
+            raise InputError(f"Keyframe frame must be a whole number in [0, {MAX_FRAMES}) or the last frame, "
+                             f"got {self.frame!r}.")
         if self.mode not in KEYFRAME_MODES:
             raise InputError(f"Keyframe at frame {self.frame}: unknown focus {self.mode!r}; use one of "
                              f"{', '.join(KEYFRAME_MODES)}.")
@@ -82,8 +86,11 @@ class FocusPull:
     def signed_coc(self, disparity) -> torch.Tensor:
         """Signed CoC radius [N,H,W] in px of every frame; a single disparity map serves every frame."""
         disp = to_map_batch(disparity, "disparity", batch=self.frames)
-        return torch.cat([signed_coc(disp[n:n + 1], self.focus_disparity[n:n + 1], float(self.K[n]))
-                          for n in range(self.frames)])
+        return signed_coc(disp, self.focus_disparity, self.K)
+
+    def defocus(self, disparity) -> Defocus:
+        """The clip's defocus maps, as Defocus Map makes them for one image (BokehNet, Classical Bokeh)."""
+        return Defocus(signed_coc=self.signed_coc(disparity), focus_disparity=self.focus_disparity, K=self.K)
 
 
 def check_easing(easing: str) -> str:
@@ -115,9 +122,11 @@ def parse_keyframes(text: str) -> list[FocusKeyframe]:
         if not line:
             continue
         head, sep, rest = line.partition(":")
-        if not sep or not head.strip().isdigit():
+        head = head.strip().lower()
+        if not sep or not (head.isdigit() or head == "last"):
             raise InputError(f"Focus keyframes, line {n} ({raw.strip()!r}): expected '<frame>: <focus> ...', "
-                             "e.g. '0: point 0.5 0.5', '12: distance 2.5', '24: depth 0.8 hold'.")
+                             "e.g. '0: point 0.5 0.5', '12: distance 2.5', 'last: depth 0.8 hold'.")
+        frame = LAST_FRAME if head == "last" else int(head)
         words = rest.replace(",", " ").split()
         if not words:
             raise InputError(f"Focus keyframes, line {n}: no focus after the frame number.")
@@ -137,18 +146,20 @@ def parse_keyframes(text: str) -> list[FocusKeyframe]:
                 raise InputError(f"Focus keyframes, line {n}: unknown word {w!r} (numbers, K=<blur level> or an "
                                  f"easing: {', '.join(EASINGS)}).")
         try:
-            out.append(FocusKeyframe(int(head), mode, tuple(numbers), K, easing))
+            out.append(FocusKeyframe(frame, mode, tuple(numbers), K, easing))
         except InputError as e:
             raise InputError(f"Focus keyframes, line {n}: {e}") from None
-    return sorted(out, key=lambda k: k.frame)
+    return out
 
 
-def _checked(keyframes) -> list[FocusKeyframe]:
-    keys = parse_keyframes(keyframes) if isinstance(keyframes, str) else sorted(keyframes, key=lambda k: k.frame)
+def _checked(keyframes, frames: int) -> list[FocusKeyframe]:
+    """Keyframes (text or objects) with `last` placed at frame `frames - 1`, sorted by frame."""
+    keys = parse_keyframes(keyframes) if isinstance(keyframes, str) else list(keyframes)
     if not keys:
         raise InputError("A focus pull needs at least one keyframe, e.g. '0: point 0.5 0.5'.")
     if not all(isinstance(k, FocusKeyframe) for k in keys):
         raise InputError("Focus keyframes must be FocusKeyframe objects or keyframe text.")
+    keys = sorted((replace(k, frame=frames - 1) if k.frame == LAST_FRAME else k for k in keys), key=lambda k: k.frame)
     frames = [k.frame for k in keys]
     if len(set(frames)) != len(frames):
         dup = sorted({f for f in frames if frames.count(f) > 1})
@@ -193,7 +204,7 @@ def focus_pull(disparity, keyframes, frames: int = 0, K: float = 20.0, easing: s
     """
     disp = to_map_batch(disparity, "disparity")
     n = clip_length(int(disp.shape[0]), frames)
-    keys = _checked(keyframes)
+    keys = _checked(keyframes, n)
     check_easing(easing)
     K = check_blur_level(K)
     late = [k.frame for k in keys if k.frame >= n]

@@ -5,6 +5,10 @@ lights (so aperture shapes show in the bokeh), a receding ground plane, a mid-di
 near card with a checker texture and a string of small lights, all with hard occlusion edges. The
 camera is a pinhole; depth is the z distance in metres of the surface seen at each pixel. The same
 seed gives the same scene at any size (the layout is in fractions of the frame).
+
+`make_scene_clip` makes a short clip of it for focus pulls and video depth: the camera stands still
+and a round sign enters from the left edge at SIGN_M, so later frames hold a surface the first ones
+do not.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ CARD_M = 1.6
 LIGHTS_M = 3.0
 HORIZON = 0.55  # fraction of the height where the ground meets the far wall
 CAMERA_HEIGHT_M = 1.4
+SIGN_M = 2.5  # the round sign entering the clip
+MAX_CLIP_FRAMES = 1000
 
 
 def scene_landmarks(height: int, width: int) -> dict[str, tuple[int, int]]:
@@ -133,3 +139,32 @@ def make_scene(height: int = 384, width: int = 512, seed: int = 0) -> tuple[torc
     image = torch.from_numpy(np.clip(img, 0.0, 1.0).astype(np.float32))[None]
     depth_t = torch.from_numpy(depth.astype(np.float32))[None]
     return image, depth_t
+
+
+def make_scene_clip(height: int = 384, width: int = 512, frames: int = 24,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scene as a clip -> (images [N,H,W,3], depth_m [N,H,W]), exact depth in every frame.
+
+    A round sign (radius 0.16 of the height, at SIGN_M, behind the near card) slides in from the left:
+    wholly outside the frame in frame 0, its centre at 0.45 of the width in the last frame (a single
+    frame: frame 0).
+    """
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or not 1 <= frames <= MAX_CLIP_FRAMES:
+        raise InputError(f"Clip length must be a whole number of frames in [1, {MAX_CLIP_FRAMES}], got {frames!r}.")
+    image, depth = make_scene(height, width, seed)
+    H, W = image.shape[1:3]
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    r, cy = 0.16 * H, 0.5 * H
+    first = image[0].numpy().astype(np.float64)
+    images, depths = [first], [depth[0].numpy()]
+    behind = depths[0] > SIGN_M
+    for f in range(1, int(frames)):
+        cx = -r - 1.0 + (0.45 * W + r + 1.0) * f / (frames - 1)
+        dist = np.hypot(yy - cy, xx - cx)
+        cov = (_disc(yy, xx, cy, cx, r) * behind)[..., None]  # the near card stays in front of it
+        col = np.stack([0.95 - 0.3 * dist / r, 0.18 + 0.1 * dist / r, np.full_like(dist, 0.12)], -1)
+        col *= (0.75 + 0.25 * np.cos(dist / (0.02 * H)))[..., None]  # rings: texture that shows the blur
+        images.append(first * (1 - cov) + col * cov)
+        depths.append(np.where(cov[..., 0] > 0.5, np.float32(SIGN_M), depths[0]))
+    imgs = torch.from_numpy(np.clip(np.stack(images), 0.0, 1.0).astype(np.float32))
+    return imgs, torch.from_numpy(np.stack(depths).astype(np.float32))
