@@ -346,7 +346,8 @@ def test_defocus_map_lens_and_errors(pack):
 WORKFLOW_DIR = ROOT / "workflows"
 EXPECTED_WORKFLOWS = {"genrefocus_classical_shaped_bokeh.json", "genrefocus_full_refocus.json",
                       "genrefocus_txt2img_then_refocus.json", "genrefocus_highres_tiled_refocus.json",
-                      "genrefocus_deblur_only.json"}
+                      "genrefocus_deblur_only.json", "genrefocus_rack_focus_still.json",
+                      "genrefocus_focus_pull_clip.json"}
 
 
 def test_workflows_match_the_nodes(pack):

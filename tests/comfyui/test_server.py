@@ -18,7 +18,8 @@ pytestmark = pytest.mark.comfyui
 
 OUR_NODES = {"GenRefocusScene", "GenRefocusApertureShape", "GenRefocusDefocusMap", "GenRefocusClassicalBokeh",
              "GenRefocusDepthFromImage", "GenRefocusLoadDepthMap", "GenRefocusLoadDepthPro", "GenRefocusDepthEstimate",
-             "GenRefocusLoadModel", "GenRefocusTiledSampler", "GenRefocusDeblurNet", "GenRefocusBokehNet"}
+             "GenRefocusLoadModel", "GenRefocusTiledSampler", "GenRefocusDeblurNet", "GenRefocusBokehNet",
+             "GenRefocusFocusPull", "GenRefocusSceneClip"}
 
 
 def _small_sampler(api: dict, steps: int = 3, **extra):
@@ -79,6 +80,52 @@ def test_classical_workflow_matches_the_core(server):
     assert diff.max() <= 1, diff.max()
     # the blur is real: far from the focal plane the image differs from the sharp scene
     assert np.abs(got.astype(int) - (image[0].numpy() * 255 + 0.5).astype(int)).mean() > 2.0
+
+
+@pytest.mark.parametrize("name", ["genrefocus_rack_focus_still.json", "genrefocus_focus_pull_clip.json"])
+def test_focus_pull_workflows_make_the_clip_the_core_makes(server, name):
+    """The two no-weights focus-pull workflows as shipped (scene made smaller): the saved animated WEBP
+    holds every frame, equal to the same nodes run in this process, and the focus moves through the clip."""
+    import io
+
+    from PIL import Image, ImageSequence
+    api = server.workflow_api(name)
+    for node in api.values():
+        if node["class_type"] in ("GenRefocusScene", "GenRefocusSceneClip"):
+            node["inputs"].update(width=192, height=128)
+    h = server.run(api)
+    assert h["status"]["status_str"] == "success", errors_of(h)
+    save_id = next(k for k, v in api.items() if v["class_type"] == "SaveAnimatedWEBP")
+    (item,) = server.outputs_of(h, save_id)
+    frame_ms = int(1000.0 / api[save_id]["inputs"]["fps"])
+    frames = []
+    with Image.open(io.BytesIO(server.view(item))) as webp:
+        for f in ImageSequence.Iterator(webp):
+            rgb = np.asarray(f.convert("RGB"))  # loading the frame sets its duration
+            frames += [rgb] * round(f.info["duration"] / frame_ms)  # the encoder merges equal frames (held focus)
+    got = np.stack(frames)
+    assert got.shape == (24, 128, 192, 3), got.shape
+    # the same graph through the pack's node classes here (lossless WEBP keeps the 8-bit values)
+    sys.path.insert(0, str(ROOT))
+    from nodes.classical_nodes import GenRefocusClassicalBokeh
+    from nodes.focus_pull_nodes import GenRefocusFocusPull
+    from nodes.scene_nodes import GenRefocusScene, GenRefocusSceneClip
+    by_type = {v["class_type"]: v["inputs"] for v in api.values()}
+    widgets = lambda t: {k: v for k, v in by_type[t].items() if not isinstance(v, list)}  # noqa: E731
+    if "GenRefocusScene" in by_type:
+        image, depth, _ = GenRefocusScene().make(**widgets("GenRefocusScene"))
+        image = image.repeat(by_type["RepeatImageBatch"]["amount"], 1, 1, 1)
+    else:
+        image, depth, _ = GenRefocusSceneClip().make(**widgets("GenRefocusSceneClip"))
+    defocus = GenRefocusFocusPull().pull(depth, **widgets("GenRefocusFocusPull"), image=image)["result"][0]
+    (expected,) = GenRefocusClassicalBokeh().render(image, defocus, **widgets("GenRefocusClassicalBokeh"))
+    want = (expected.numpy() * 255 + 0.5).astype(np.uint8)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 1, diff.max()
+    # a pull, not a still: the blur moves from frame to frame, and each keyframe's focal plane is sharp there
+    assert np.abs(got[0].astype(int) - got[-1].astype(int)).mean() > 2.0
+    coc = defocus.signed_coc
+    assert float(coc[-1].abs().min()) == 0.0 and float(coc[0].abs().min()) == 0.0
 
 
 @pytest.mark.parametrize("name", ["genrefocus_deblur_only.json", "genrefocus_full_refocus.json",
