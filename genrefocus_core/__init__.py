@@ -3,8 +3,9 @@ physically based bokeh renderer. Never imports ComfyUI; usable from scripts, the
 
 Submodules are imported on first use so that `import genrefocus_core` stays light.
 """
-from .basics.errors import GenRefocusError, InputError, Interrupted, MissingModelFileError, ModelFileError
+from .basics.errors import GenRefocusError, InputError, Interrupted, MissingModelFileError, ModelFileError, \
+    OutputError
 
 __version__ = "0.1.0"
 
-__all__ = ["GenRefocusError", "InputError", "Interrupted", "MissingModelFileError", "ModelFileError", "__version__"]
+__all__ = ["GenRefocusError", "InputError", "Interrupted", "MissingModelFileError", "ModelFileError", "OutputError", "__version__"]

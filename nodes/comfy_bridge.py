@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from genrefocus_core.basics.errors import MissingModelFileError
+from genrefocus_core.basics.files import save_pil_image
 
 from .model_catalog import download_hint
 
@@ -242,7 +243,7 @@ def save_preview_images(images, prefix: str = "genrefocus") -> list[dict]:
     full_folder, filename, counter, subfolder, _ = fp.get_save_image_path(prefix, temp, arr.shape[2], arr.shape[1])
     for b in range(arr.shape[0]):
         name = f"{filename}_{counter:05}_.png"
-        Image.fromarray(arr[b]).save(os.path.join(full_folder, name), compress_level=1)
+        save_pil_image(Image.fromarray(arr[b]), os.path.join(full_folder, name), "preview", compress_level=1)
         out.append({"filename": name, "subfolder": subfolder, "type": "temp"})
         counter += 1
     return out

@@ -138,7 +138,7 @@ class GenRefocusDefocusMap:
         if focus_mode == "mask":
             if focus_mask is None:
                 raise InputError("DefocusMap: focus_mode is 'mask' but no focus_mask is connected.")
-            if to_map_batch(focus_mask, "focus_mask").shape[0] not in (1, B):
+            if to_map_batch(focus_mask, "focus_mask", size=(H, W)).shape[0] not in (1, B):
                 raise InputError(f"focus_mask: batch of {focus_mask.shape[0]} does not match the depth batch of {B}.")
         if blur_mode not in BLUR_MODES:
             raise InputError(f"DefocusMap: unknown blur_mode {blur_mode!r}; use one of {BLUR_MODES}.")

@@ -35,6 +35,7 @@ def disparity_from_depth(depth) -> torch.Tensor:
     same image and a warning is logged; an image whose depth is NaN everywhere is an error.
     """
     d = to_map_batch(depth, "depth")
+    require_positive_depth(d, "Depth map")
     disp = torch.where(d > 0, 1.0 / d.clamp_min(1e-12), torch.zeros_like(d))
     disp = torch.where(torch.isinf(d), torch.zeros_like(d), disp)
     nan = torch.isnan(d)
@@ -43,6 +44,20 @@ def disparity_from_depth(depth) -> torch.Tensor:
                                            "check the depth input.")
         log.warning("Depth map had %d NaN pixels; filled with the median disparity.", int(nan.sum()))
     return disp
+
+
+def require_positive_depth(depth: torch.Tensor, name: str) -> torch.Tensor:
+    """Metric depth [B,H,W] must hold some depth: an image whose depth is nowhere positive and finite
+    (all zero, negative or infinite; NaN pixels count as unknown) would be "everything infinitely far",
+    a flat render reported as success, so it is an InputError. Returns the mask of valid pixels."""
+    valid = (depth > 0) & torch.isfinite(depth)
+    known = ~torch.isnan(depth)
+    for b in range(depth.shape[0]):
+        if known[b].any() and not valid[b].any():
+            raise InputError(f"{name} (image {b}) has no positive finite depth (all zero, negative or infinite): "
+                             "it holds no depth. Check the depth source, or its kind (depth or disparity) and "
+                             "scale (metric or relative).")
+    return valid
 
 
 def check_blur_level(K: float) -> float:
@@ -140,7 +155,7 @@ def resolve_focus(disparity, mode: str | None = None, *, point=None, normalized:
             raise InputError(f"depth_range must be two finite disparities, got {depth_range}.")
         return (near - s.double() * (near - far)).float().to(disp.device)
     if mode == "mask":
-        m = to_map_batch(mask, "focus mask", batch=B).to(disp.device)
+        m = to_map_batch(mask, "focus mask", batch=B, size=(H, W)).to(disp.device)
         if m.shape[-2:] != disp.shape[-2:]:
             m = resize_map(m, (H, W), mode="nearest")
         out = []

@@ -13,6 +13,11 @@ class InputError(GenRefocusError):
     """An image, depth map, mask, focus point or setting that cannot be used."""
 
 
+class OutputError(GenRefocusError):
+    """An output file that cannot be written (no folder, unknown extension, no permission, disk full,
+    the path of an input); a previous file of that name is always left intact."""
+
+
 class ModelFileError(GenRefocusError):
     """A model file that exists but does not hold what it should (wrong family, layout, shapes, corrupt)."""
 

@@ -8,12 +8,17 @@ size to a model that needs multiples of 16 and restore the exact input size afte
 """
 from __future__ import annotations
 
+import contextlib
+import struct
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import InputError
+from .errors import GenRefocusError, InputError
+from .files import check_fits_in_memory, save_pil_image
 
 
 def _pil_to_image_array(img) -> np.ndarray:
@@ -90,12 +95,26 @@ def to_image_batch(image, name: str = "image") -> torch.Tensor:
     return t.contiguous()
 
 
-def to_map_batch(x, name: str = "map", batch: int | None = None) -> torch.Tensor:
+def is_single_map_hw1(shape, size=None) -> bool:
+    """Is a 3-D map of shape [a, b, 1] one map [H, W, 1] (True) or a batch [B, H, W] of 1-px-wide maps
+    (False, e.g. a ComfyUI MASK of a 1-px-wide image)? The shape alone cannot tell; `size`, the (H, W)
+    of the image the map belongs to, decides. Without it (or when it fits neither) [H, W, 1]."""
+    return size is None or not (tuple(shape[1:]) == tuple(size) and tuple(shape[:2]) != tuple(size))
+
+
+def is_channels_first(shape, size=None) -> bool:
+    """Is a 4-D map [B, 1, a, b] channels-first [B, 1, H, W] (True) or [B, H, W, C] of a 1-px-high
+    image (False)? `size` (the image's (H, W)) decides, as in `is_single_map_hw1`."""
+    return shape[1] == 1 and (size is None or tuple(shape[1:3]) != tuple(size))
+
+
+def to_map_batch(x, name: str = "map", batch: int | None = None, size=None) -> torch.Tensor:
     """A single-channel map (depth, disparity, mask, defocus) -> float32 [B, H, W].
 
     Accepts [H,W], [B,H,W], [H,W,1], [B,1,H,W] or [B,H,W,C] (the first channel is used); no value
     checks or clamping here (depth may legitimately hold any value). With `batch`, a single map is
-    repeated to that batch size.
+    repeated to that batch size. `size`: the (H, W) of the image the map belongs to, which tells a
+    [B,H,1] batch of 1-px-wide maps from one [H,W,1] map (see `is_single_map_hw1`).
     """
     if isinstance(x, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(x).astype(np.float32))
@@ -114,9 +133,9 @@ def to_map_batch(x, name: str = "map", batch: int | None = None) -> torch.Tensor
     if t.ndim == 2:
         t = t[None]
     elif t.ndim == 3:
-        t = t[None, ..., 0] if t.shape[-1] == 1 else t
+        t = t[None, ..., 0] if t.shape[-1] == 1 and is_single_map_hw1(t.shape, size) else t
     elif t.ndim == 4:
-        t = t[:, 0] if t.shape[1] == 1 else t[..., 0]
+        t = t[:, 0] if is_channels_first(t.shape, size) else t[..., 0]
     else:
         raise InputError(f"{name}: expected [H,W] or [B,H,W], got shape {tuple(t.shape)}.")
     if batch is not None and t.shape[0] != batch:
@@ -177,20 +196,50 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
+# Bytes per pixel a decoded file can take on its way to float32 RGB (decoded bands, a float copy,
+# the clamped result): the estimate checked against free memory before decoding.
+DECODE_BYTES_PER_PIXEL = 40
+
+
+@contextlib.contextmanager
+def open_image(path, what: str = "Image file"):
+    """PIL image of a file, opened with its size checked before decoding: a header promising more
+    pixels than PIL's decompression-bomb limit or more memory than is free is an InputError naming the
+    size, as is any file PIL cannot read (also corrupt files on which PIL raises other errors)."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file.")
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+            check_fits_in_memory(w * h * DECODE_BYTES_PER_PIXEL, f"{what} {path} ({w}x{h} px)")
+            yield im
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{what} {path}: its header promises a huge image, refused before decoding "
+                         f"(a decompression bomb or a corrupt header): {e}") from None
+    except MemoryError:
+        raise InputError(f"{what} {path} is too large for the memory of this machine.") from None
+    except GenRefocusError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+            ZeroDivisionError, struct.error) as e:  # what PIL's plugins raise on corrupt files
+        raise InputError(f"Cannot read {what.lower()} {path}: {e or type(e).__name__}") from None
+
+
 def load_image(path) -> torch.Tensor:
     """Read an image file -> [1, H, W, 3] float32 (EXIF orientation applied)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return to_image_batch(im, name=str(path))
-    except FileNotFoundError:
-        raise InputError(f"Image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"Cannot read image file {path}: {e}") from None
+    from PIL import ImageOps
+
+    with open_image(path) as im:
+        return to_image_batch(ImageOps.exif_transpose(im), name=str(path))
 
 
 def save_image(x: torch.Tensor, path) -> None:
-    """Write [1,H,W,3] / [H,W,3] float in [0,1] as an 8-bit image (PNG by extension)."""
+    """Write [1,H,W,3] / [H,W,3] float in [0,1] as an 8-bit image (format by extension), atomically:
+    a failed write leaves a previous file of that name intact."""
     arr = to_uint8(x[0] if x.ndim == 4 else x)
-    Image.fromarray(arr).save(path)
+    save_pil_image(Image.fromarray(arr), path)

@@ -698,7 +698,7 @@ def signed_radius_map(image_hw: tuple[int, int], batch: int, disparity=None, foc
                       K: float = 0.0, defocus_px=None, device=None) -> torch.Tensor:
     """Signed CoC radius in px [B,H,W] from disparity + focus + K, or from a signed defocus map."""
     if defocus_px is not None:
-        r = to_map_batch(defocus_px, "defocus map", batch=batch).to(device)
+        r = to_map_batch(defocus_px, "defocus map", batch=batch, size=image_hw).to(device)
         if not torch.isfinite(r).all():
             raise InputError("Defocus map contains NaN or infinite values.")
         return _fit_map(r, image_hw, "Defocus map")
@@ -707,7 +707,7 @@ def signed_radius_map(image_hw: tuple[int, int], batch: int, disparity=None, foc
         if K == 0.0:
             return torch.zeros(batch, *image_hw, device=device)
         raise InputError("Give a disparity (or depth converted to disparity) map or a defocus map for blur.")
-    disp = to_map_batch(disparity, "disparity", batch=batch).to(device)
+    disp = to_map_batch(disparity, "disparity", batch=batch, size=image_hw).to(device)
     disp = _fit_map(_clean_map(disp, "Disparity map"), image_hw, "Disparity map")
     if focus_disparity is None:
         focus = resolve_focus(disp)

@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..basics import apertures
 from ..classical.renderer import HIGHLIGHT_BOOST_DEFAULT, render_bokeh
-from ..basics.defocus import blur_level_from_lens, disparity_from_depth, resolve_focus
+from ..basics.defocus import blur_level_from_lens, check_blur_level, disparity_from_depth, resolve_focus
 from ..basics.errors import InputError
+from ..basics.files import check_output_folder, save_array, save_pil_image
 from ..basics.images import save_image, to_uint8
 from ..basics.scene import make_scene, scene_landmarks
+from .options import check_finite_options
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -89,16 +89,19 @@ def main(argv) -> int:
     ap.add_argument("--seed", type=int, default=0, help="scene seed")
     ap.add_argument("--K", type=float, default=40.0, help="blur level for the main renders (default 40)")
     a = ap.parse_args(list(argv[1:]))
+    check_finite_options(a)
     w, h = _parse_size(a.size)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if a.seed < 0:
+        raise InputError(f"--seed must be a whole number >= 0, got {a.seed}.")
+    check_blur_level(a.K)
+    out = check_output_folder(a.out, "--out")  # an existing file of that name is refused, never replaced
 
     t0 = time.perf_counter()
     image, depth = make_scene(h, w, a.seed)
     disp = disparity_from_depth(depth)
     save_image(image, out / "scene_all_in_focus.png")
     save_image(_depth_preview(depth), out / "scene_disparity.png")
-    np.save(out / "scene_depth_m.npy", depth[0].numpy())
+    save_array(depth[0].numpy(), out / "scene_depth_m.npy")
     tiles = [("all in focus (input)", image), ("disparity (bright = near)", _depth_preview(depth))]
     marks = scene_landmarks(h, w)
     print(f"scene {w}x{h} seed {a.seed}: {time.perf_counter() - t0:.2f} s")
@@ -115,7 +118,7 @@ def main(argv) -> int:
                 (apertures.polygon(6, curvature=0.15), apertures.star(5, 0.45), apertures.heart())]
     tiles.extend(ap_tiles)
     sheet = contact_sheet(tiles)
-    sheet.save(out / "contact_sheet.png")
+    save_pil_image(sheet, out / "contact_sheet.png")
     print(f"wrote {len(tiles) - len(ap_tiles)} images and contact_sheet.png to {out} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -17,6 +17,7 @@ import time
 from ..basics.errors import InputError
 from .focus_options import (add_depth_file_options, add_focus_and_blur_options, check_focus_and_blur,
                             defocus_from_args, disparity_from_args)
+from .options import check_finite_options, check_outputs
 from ..generative.stages import ADAPTERS, APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR, DEBLUR_ADAPTER
 
 _EPILOG = """examples:
@@ -150,6 +151,7 @@ def run_deblur(args) -> int:
 def run_refocus(args) -> int:
     import numpy as np
 
+    from ..basics.files import save_array
     from ..basics.images import load_image, save_image
 
     if bool(args.depth or args.disparity) == bool(args.depth_pro):
@@ -179,7 +181,7 @@ def run_refocus(args) -> int:
     d = defocus_from_args(args, disparity, metric)
     defocus = d.signed_coc.abs()
     if args.save_defocus:
-        np.save(args.save_defocus, defocus[0].numpy().astype(np.float32))
+        save_array(defocus[0].numpy().astype(np.float32), args.save_defocus, "defocus map")
     print(f"focus disparity {float(d.focus_disparity[0]):.4g}, K {float(d.K[0]):.4g}, max blur radius "
           f"{float(defocus.max()):.1f} px", file=sys.stderr)
     out = pipe.bokeh(aif, defocus, aperture=aperture, settings=_settings(args, args.bokeh_seed),
@@ -195,5 +197,12 @@ def main(argv) -> int:
     if command not in ("deblur", "refocus"):
         raise InputError(f"cli_generative handles 'deblur' and 'refocus', not {command!r}.")
     args = build_parser(command).parse_args(argv[1:])
-    _settings(args, args.seed)  # bad sampling options fail now, not after the models are loaded
+    # bad options and output paths fail now, not after the models are loaded and sampled
+    check_finite_options(args)
+    _settings(args, args.seed)
+    if command == "refocus":
+        _settings(args, args.bokeh_seed)
+    inputs = ["image", "pre_deblurred", "depth", "depth_pro", "diffusers_dir", "flux", "vae", "clip_l", "t5",
+              "prompt_embeds"] + [a.option for a in ADAPTERS.values()]
+    check_outputs(args, images=["out", "save_aif"], arrays=["save_defocus"], inputs=inputs)
     return run_deblur(args) if command == "deblur" else run_refocus(args)

@@ -17,6 +17,7 @@ from ..basics import apertures
 from ..basics.images import load_image, save_image
 from ..classical.renderer import HIGHLIGHT_BOOST_DEFAULT, HIGHLIGHT_THRESHOLD_DEFAULT, QUALITY_PRESETS, render_bokeh
 from .focus_options import add_depth_file_options, add_focus_and_blur_options, defocus_from_args, disparity_from_args
+from .options import check_finite_options, check_outputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,8 @@ def aperture_from_args(a) -> apertures.Aperture:
 
 def main(argv) -> int:
     a = build_parser().parse_args(list(argv[1:]))
+    check_finite_options(a)
+    check_outputs(a, images=["out"], inputs=["image", "depth", "disparity", "focus_mask", "aperture_image"])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     t0 = time.perf_counter()
     image = load_image(a.image)

@@ -287,19 +287,24 @@ def _checked_state(path, config) -> tuple[dict, torch.nn.Module, str, bool]:
 
 
 def _write_hf_folder(state: dict, config, out: Path, source_name: str) -> Path:
-    """config.json + model.safetensors, written to a temporary folder first and renamed into place."""
+    """config.json + model.safetensors, written to a temporary folder first and renamed into place
+    (a failed write removes the temporary folder and leaves any previous copy as it was)."""
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    # the split q/k/v are views of one fused tensor: safetensors needs them as separate storages
-    tensors = {k: v.clone() if v._base is not None else v.contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp / HF_WEIGHTS),
-              metadata={"format": "pt", "converted_from": source_name})
-    config.to_json_file(str(tmp / "config.json"))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        # the split q/k/v are views of one fused tensor: safetensors needs them as separate storages
+        tensors = {k: v.clone() if v._base is not None else v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / HF_WEIGHTS),
+                  metadata={"format": "pt", "converted_from": source_name})
+        config.to_json_file(str(tmp / "config.json"))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -336,7 +341,11 @@ def load_depth_pro(path, device=None, dtype=None, config=None, cache_dir=None):
         return load_depth_pro(cached, device=device, dtype=dtype)
     state, model, source, apple = _checked_state(path, config)
     if apple and cached is not None:
-        _write_hf_folder(state, model.config, cached, Path(source).name)
+        try:
+            _write_hf_folder(state, model.config, cached, Path(source).name)
+        except OSError as e:  # no room or no permission for the cache: only the next load is slower
+            log.warning("Could not cache the converted Depth Pro weights in %s (%s); converting again next time.",
+                        cached, e)
     model.load_state_dict(state, strict=True, assign=True)
     del state
     device = torch.device(device) if device is not None else default_device()

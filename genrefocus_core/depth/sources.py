@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..basics.defocus import require_positive_depth
 from ..basics.errors import InputError
-from ..basics.images import fill_with_median, resize_map
+from ..basics.images import fill_with_median, is_channels_first, is_single_map_hw1, resize_map
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,14 @@ def _pil_stored_values(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def read_map(x, name: str = "depth map") -> torch.Tensor:
+def read_map(x, name: str = "depth map", size=None) -> torch.Tensor:
     """Any single-channel-like map -> float32 [B, H, W] with its stored values (no rescaling).
 
     Accepts torch tensors and numpy arrays ([H,W], [B,H,W], [B,H,W,C] with C in 1/3/4, [B,1,H,W]),
     PIL images, and ComfyUI IMAGE/MASK tensors. A 3-D torch tensor is a batch [B,H,W] (ComfyUI MASK)
-    unless its last dimension is 1; a 3-D numpy array with 1, 3 or 4 in its last dimension is [H,W,C].
+    unless its last dimension is 1 (then one map [H,W,1], except when `size`, the (H, W) of the image
+    it belongs to, shows a batch of 1-px-wide maps); a 3-D numpy array with 1, 3 or 4 in its last
+    dimension is [H,W,C].
     Integer data keeps its codes (a 16-bit PNG in millimetres stays in millimetres). An RGB(A) map
     must be grey (equal channels); alpha is ignored. NaN values are kept (see
     `disparity_from_external`).
@@ -91,12 +94,12 @@ def read_map(x, name: str = "depth map") -> torch.Tensor:
     if t.ndim == 2:
         t = t[None, :, :, None]
     elif t.ndim == 3:
-        if t.shape[-1] == 1 or (channels_last_3d and t.shape[-1] in (3, 4)):
+        if (t.shape[-1] == 1 and is_single_map_hw1(t.shape, size)) or (channels_last_3d and t.shape[-1] in (3, 4)):
             t = t[None]  # [H,W,C]
         else:
             t = t[..., None]  # [B,H,W]
     elif t.ndim == 4:
-        if t.shape[1] == 1 and t.shape[-1] not in (1, 3, 4):
+        if is_channels_first(t.shape, size) and t.shape[-1] not in (1, 3, 4):
             t = t.permute(0, 2, 3, 1)  # [B,1,H,W]
         elif t.shape[-1] not in (1, 3, 4):
             raise InputError(f"{name}: cannot tell the channels of shape {tuple(t.shape)}; "
@@ -181,7 +184,7 @@ def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "
     _check_choice(near, _NEARS, "near")
     _check_choice(scale, _SCALES, "scale")
     _check_choice(normalization, NORMALIZATIONS, "normalization")
-    values = read_map(image_or_map, name)
+    values = read_map(image_or_map, name, size)
     for b in range(values.shape[0]):
         if torch.isnan(values[b]).all():
             raise InputError(f"{name} is NaN everywhere (image {b}): it holds no depth; check the depth node.")
@@ -228,11 +231,7 @@ def _metric_to_disparity(values: torch.Tensor, kind: str, unit: float, name: str
     nan = torch.isnan(values)
     if kind == "depth":
         depth = values * unit
-        valid = (depth > 0) & torch.isfinite(depth)
-        for b in range(values.shape[0]):
-            if not valid[b].any():
-                raise InputError(f"{name} (image {b}) has no positive finite depth (all zero, negative, infinite or "
-                                 "NaN): it holds no depth; check the depth node, or the kind/scale options.")
+        valid = require_positive_depth(depth, name)
         disp = torch.where(valid, 1.0 / depth.clamp_min(1e-12), torch.zeros_like(depth))
     else:
         if torch.isinf(values).any():

@@ -233,7 +233,7 @@ class GenRefocusPipeline:
         """
         settings = settings.validated()
         image = to_image_batch(aif_image, "all-in-focus image")
-        maps = to_map_batch(defocus_px, "defocus map")
+        maps = to_map_batch(defocus_px, "defocus map", size=tuple(image.shape[1:3]))
         if image.shape[0] == 1 and maps.shape[0] > 1:
             image = image.expand(maps.shape[0], -1, -1, -1)
         B, H, W, _ = image.shape

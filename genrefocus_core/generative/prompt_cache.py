@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..basics.errors import InputError, ModelFileError
+from ..basics.errors import InputError, ModelFileError, OutputError
+from ..basics.files import save_bytes
 from .prompt_embedding import PromptEmbedding
 from .stages import ADAPTERS, STAGES
 CLIP_MAX_LENGTH = 77
@@ -208,18 +209,16 @@ def read_cached(cache_dir, identity: str, prompt: str, max_length: int = T5_MAX_
 
 def write_cached(cache_dir, identity: str, prompt: str, emb: PromptEmbedding,
                  max_length: int = T5_MAX_LENGTH) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = _entry_path(cache_dir, cache_key(identity, prompt, max_length))
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"prompt_embeds": emb.prompt_embeds.detach().float().cpu().contiguous(),
-               "pooled_prompt_embeds": emb.pooled.detach().float().cpu().contiguous(),
-               "text_ids": emb.text_ids.detach().float().cpu().contiguous()}, str(tmp),
-              metadata={"format": _FORMAT, "identity": identity, "prompt": prompt, "max_length": str(max_length)})
-    os.replace(tmp, path)
-    return path
+    data = save({"prompt_embeds": emb.prompt_embeds.detach().float().cpu().contiguous(),
+                 "pooled_prompt_embeds": emb.pooled.detach().float().cpu().contiguous(),
+                 "text_ids": emb.text_ids.detach().float().cpu().contiguous()},
+                metadata={"format": _FORMAT, "identity": identity, "prompt": prompt, "max_length": str(max_length)})
+    return save_bytes(path, data, "prompt-embedding cache entry")
 
 
 def _as_embedding(precomputed) -> PromptEmbedding:
@@ -288,7 +287,7 @@ def _try_write(cache_dir, identity, prompt, emb, max_length):
     """A cache that cannot be written (read-only, a file in the way) costs a re-encode next time, not the run."""
     try:
         write_cached(cache_dir, identity, prompt, emb, max_length)
-    except OSError as e:
+    except (OSError, OutputError) as e:
         warnings.warn(f"Prompt embedding could not be cached in {cache_dir} ({e}); it will be encoded again "
                       "next time. Set GENREFOCUS_CACHE_DIR or cache_dir to a writable folder.")
 
