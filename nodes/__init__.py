@@ -25,7 +25,10 @@ NODE_MODULES = {
 
 
 def collect_nodes() -> tuple[dict, dict, dict]:
-    """-> (NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, {module: error} of disabled modules)."""
+    """-> (NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, {module: error} of disabled modules).
+    Every node gets the number-input checks of `common.with_number_checks`."""
+    from .common import with_number_checks
+
     classes, names, failed = {}, {}, {}
     for mod_name, needs in NODE_MODULES.items():
         try:
@@ -34,8 +37,8 @@ def collect_nodes() -> tuple[dict, dict, dict]:
             failed[mod_name] = f"{type(e).__name__}: {e}"
             log.warning("GenRefocus: nodes in '%s' disabled (needs %s): %s", mod_name, needs, failed[mod_name])
             continue
-        classes.update(mod.NODE_CLASS_MAPPINGS)
         names.update(mod.NODE_DISPLAY_NAME_MAPPINGS)
+        classes.update({key: with_number_checks(cls, names.get(key)) for key, cls in mod.NODE_CLASS_MAPPINGS.items()})
     from .search_aliases import attach
     attach(classes)
     return classes, names, failed

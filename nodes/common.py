@@ -1,6 +1,10 @@
 """Types, data carriers and small helpers shared by the node modules (no ComfyUI imports)."""
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -58,3 +62,52 @@ def broadcast_batches(*pairs: tuple[torch.Tensor, str]) -> list[torch.Tensor]:
         raise InputError(f"Batch sizes do not match ({desc}); use equal batches or a batch of 1.")
     b = sizes.pop() if sizes else 1
     return [match_batch(t, b, n) for t, n in pairs]
+
+
+# ------------------------------------------------------------------ number inputs of every node
+NUMBER_TYPES = ("INT", "FLOAT")
+
+
+def check_number_inputs(node: str, spec: dict, values: dict) -> None:
+    """Every INT/FLOAT input a node declares must hold a finite number within its declared min/max.
+
+    ComfyUI checks min/max itself, but NaN compares false with everything and so passes that check
+    (and prompts sent to its API may carry any JSON number); one NaN rotation or blur level would
+    otherwise come back as a black image reported as success. InputError names the node and input.
+    """
+    for section in ("required", "optional"):
+        for name, declared in (spec.get(section) or {}).items():
+            if name not in values or values[name] is None or not isinstance(declared, (tuple, list)) or \
+                    not declared or declared[0] not in NUMBER_TYPES:
+                continue
+            kind, value = declared[0], values[name]
+            opts = declared[1] if len(declared) > 1 and isinstance(declared[1], dict) else {}
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InputError(f"{node}: input '{name}' must be a number, got {value!r}.")
+            if not math.isfinite(float(value)):
+                raise InputError(f"{node}: input '{name}' must be a finite number, got {value}.")
+            if kind == "INT" and value != int(value):
+                raise InputError(f"{node}: input '{name}' must be a whole number, got {value}.")
+            low, high = opts.get("min"), opts.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise InputError(f"{node}: input '{name}' = {value} is outside its range "
+                                 f"[{'-inf' if low is None else low}, {'inf' if high is None else high}].")
+
+
+def with_number_checks(cls, display_name: str | None = None):
+    """Wrap the node's FUNCTION so that every call first runs `check_number_inputs` against the
+    node's own INPUT_TYPES (idempotent; applied to every node the pack registers)."""
+    function = getattr(cls, cls.FUNCTION)
+    if getattr(function, "checks_number_inputs", False):
+        return cls
+    node = display_name or cls.__name__
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def checked(self, *args, **kwargs):
+        check_number_inputs(node, cls.INPUT_TYPES(), signature.bind_partial(self, *args, **kwargs).arguments)
+        return function(self, *args, **kwargs)
+
+    checked.checks_number_inputs = True
+    setattr(cls, cls.FUNCTION, checked)
+    return cls

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import InputError, finite_number
 
 RadialFn = Callable[[torch.Tensor], torch.Tensor]
 EdgeFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -169,7 +169,7 @@ class Aperture:
 
 
 def _rotated(fn: RadialFn, rotation_deg: float) -> RadialFn:
-    rot = math.radians(rotation_deg)
+    rot = math.radians(finite_number(rotation_deg, "Aperture rotation (degrees)"))
     if rot == 0.0:
         return fn
     return lambda theta: fn(theta - rot)
@@ -243,7 +243,7 @@ def polygon(blades: int = 6, rotation_deg: float = 0.0, curvature: float = 0.0) 
         raise InputError(f"Blade curvature must be in [0, 1], got {curvature}.")
     sector = 2 * math.pi / blades
     apothem = math.cos(math.pi / blades)
-    vertex = -math.pi / 2 + math.radians(rotation_deg)
+    vertex = -math.pi / 2 + math.radians(finite_number(rotation_deg, "Aperture rotation (degrees)"))
 
     def fn(theta: torch.Tensor) -> torch.Tensor:
         phi = torch.remainder(theta - vertex, sector)
@@ -269,7 +269,7 @@ def star(points: int = 5, inner_ratio: float = 0.5, rotation_deg: float = 0.0) -
         raise InputError(f"Star inner_ratio must be in [0.05, 1), got {inner_ratio}.")
     half = math.pi / points
     ri = float(inner_ratio)
-    vertex = -math.pi / 2 + math.radians(rotation_deg)
+    vertex = -math.pi / 2 + math.radians(finite_number(rotation_deg, "Aperture rotation (degrees)"))
 
     def fn(theta: torch.Tensor) -> torch.Tensor:
         phi = torch.remainder(theta - vertex, 2 * half)
@@ -308,7 +308,7 @@ def vignetted(aperture: "Aperture", strength: float, direction_deg: float = 0.0)
         raise InputError(f"Cat-eye strength must be in [0, 1), got {strength}.")
     if s == 0.0:
         return aperture
-    ang = math.radians(direction_deg)
+    ang = math.radians(finite_number(direction_deg, "Cat-eye direction (degrees)"))
     ox, oy = s * math.cos(ang), s * math.sin(ang)
     name = "cat-eye" if aperture.name == "circle" else f"{aperture.name} (vignetted)"
     params = {**aperture.params, "cat_eye_strength": s, "direction_deg": float(direction_deg)}
@@ -362,6 +362,7 @@ def from_image(mask, threshold: float = 0.5, circumradius_px: float | None = Non
     touches its border); default: the largest distance from the centroid to the outline. An image with
     nothing in it is an InputError.
     """
+    threshold = finite_number(threshold, "Aperture shape threshold")
     from .images import to_map_batch
     m = to_map_batch(mask, "aperture shape")
     if m.shape[0] != 1:

@@ -3,6 +3,7 @@
 Every error the core raises on bad input or a bad model file derives from
 GenRefocusError, so front ends (ComfyUI nodes, the CLI) can show the message as is.
 """
+import math
 
 
 class GenRefocusError(ValueError):
@@ -40,3 +41,15 @@ class MissingModelFileError(GenRefocusError, FileNotFoundError):
 
 class Interrupted(Exception):
     """Raised by a progress callback to stop sampling between steps (not an input error)."""
+
+
+def finite_number(value, what: str) -> float:
+    """`value` as a float; InputError naming `what` for anything that is not a finite number (NaN
+    passes every range comparison, so range checks alone do not catch it)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number, got {value!r}.") from None
+    if not math.isfinite(out):
+        raise InputError(f"{what} must be a finite number, got {value!r}.")
+    return out

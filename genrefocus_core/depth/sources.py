@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from ..basics.defocus import require_positive_depth
-from ..basics.errors import InputError
+from ..basics.errors import InputError, finite_number
 from ..basics.images import fill_with_median, is_channels_first, is_single_map_hw1, resize_map
 
 log = logging.getLogger(__name__)
@@ -195,12 +195,12 @@ def disparity_from_external(image_or_map, kind: str = "disparity", near: str = "
         if flipped:
             raise InputError(f"{name}: metric {kind} has a fixed direction ({'far' if kind == 'depth' else 'near'} = "
                              "bigger values); an inverted (display) map can only be used with scale='relative'.")
-        unit = _finite_float(unit, "unit")
+        unit = finite_number(unit, "unit")
         if unit <= 0:
             raise InputError(f"unit must be a positive number of metres per stored unit, got {unit!r}.")
         disp = _metric_to_disparity(values, kind, unit, name)
     else:
-        near_m, far_m = _finite_float(near_m, "near_m"), _finite_float(far_m, "far_m")
+        near_m, far_m = finite_number(near_m, "near_m"), finite_number(far_m, "far_m")
         if not (0 < near_m < far_m):
             raise InputError(f"Scene range must satisfy 0 < near_m < far_m (metres), got near_m={near_m}, "
                              f"far_m={far_m}.")
@@ -215,16 +215,6 @@ def depth_from_external(image_or_map, **options) -> torch.Tensor:
     disparity is 0, i.e. infinitely far)."""
     disp = disparity_from_external(image_or_map, **options)
     return torch.where(disp > 0, 1.0 / disp.clamp_min(1e-12), torch.full_like(disp, float("inf")))
-
-
-def _finite_float(value, what: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} must be a number, got {value!r}.") from None
-    if not math.isfinite(out):
-        raise InputError(f"{what} must be finite, got {value!r}.")
-    return out
 
 
 def _metric_to_disparity(values: torch.Tensor, kind: str, unit: float, name: str) -> torch.Tensor:
