@@ -46,7 +46,9 @@ def test_maps_accept_common_layouts_and_broadcast_batch():
     assert to_map_batch(np.ones((5, 6))).shape == (1, 5, 6)
     assert to_map_batch(torch.ones(2, 1, 5, 6)).shape == (2, 5, 6)
     assert to_map_batch(torch.ones(2, 5, 6, 3)).shape == (2, 5, 6)
-    assert to_map_batch(torch.ones(5, 6, 1)).shape == (1, 5, 6)
+    assert to_map_batch(np.ones((5, 6, 1))).shape == (1, 5, 6)  # numpy: channels last
+    assert to_map_batch(torch.ones(5, 6, 1)).shape == (5, 6, 1)  # torch: [B, H, W] (a MASK of 1-px-wide images)...
+    assert to_map_batch(torch.ones(5, 6, 1), size=(5, 6)).shape == (1, 5, 6)  # ...unless the image says [H, W, 1]
     assert to_map_batch(torch.ones(1, 5, 6), batch=4).shape == (4, 5, 6)
     with pytest.raises(InputError, match="batch"):
         to_map_batch(torch.ones(2, 5, 6), batch=3)

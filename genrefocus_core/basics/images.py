@@ -95,27 +95,41 @@ def to_image_batch(image, name: str = "image") -> torch.Tensor:
     return t.contiguous()
 
 
-def is_single_map_hw1(shape, size=None) -> bool:
+def _fits(shape_hw, size) -> bool:
+    return tuple(shape_hw) == tuple(size)
+
+
+def is_single_map_hw1(shape, size=None, default: bool = True) -> bool:
     """Is a 3-D map of shape [a, b, 1] one map [H, W, 1] (True) or a batch [B, H, W] of 1-px-wide maps
-    (False, e.g. a ComfyUI MASK of a 1-px-wide image)? The shape alone cannot tell; `size`, the (H, W)
-    of the image the map belongs to, decides. Without it (or when it fits neither) [H, W, 1]."""
-    return size is None or not (tuple(shape[1:]) == tuple(size) and tuple(shape[:2]) != tuple(size))
+    (False, e.g. a ComfyUI MASK of a 1-px-wide image)? The shape alone cannot tell: `size`, the (H, W)
+    of the image the map belongs to, decides when it fits one reading only; else `default` (True for
+    channels-last arrays: numpy, PIL; False for torch tensors, whose 3-D layout is [B, H, W])."""
+    if size is not None and _fits(shape[:2], size) != _fits(shape[1:], size):
+        return _fits(shape[:2], size)
+    return default
 
 
 def is_channels_first(shape, size=None) -> bool:
-    """Is a 4-D map [B, 1, a, b] channels-first [B, 1, H, W] (True) or [B, H, W, C] of a 1-px-high
-    image (False)? `size` (the image's (H, W)) decides, as in `is_single_map_hw1`."""
-    return shape[1] == 1 and (size is None or tuple(shape[1:3]) != tuple(size))
+    """Is a 4-D map [B, 1, a, b] channels-first [B, 1, H, W] (True) or [B, H, W, C] (False)? `size`
+    decides when it fits one reading only; else channels-first unless the last dimension looks like
+    channels (1, 3 or 4: ComfyUI's IMAGE/MASK layout of a 1-px-high image)."""
+    if shape[1] != 1:
+        return False
+    if size is not None and _fits(shape[2:], size) != _fits(shape[1:3], size):
+        return _fits(shape[2:], size)
+    return shape[-1] not in (1, 3, 4)
 
 
 def to_map_batch(x, name: str = "map", batch: int | None = None, size=None) -> torch.Tensor:
     """A single-channel map (depth, disparity, mask, defocus) -> float32 [B, H, W].
 
-    Accepts [H,W], [B,H,W], [H,W,1], [B,1,H,W] or [B,H,W,C] (the first channel is used); no value
-    checks or clamping here (depth may legitimately hold any value). With `batch`, a single map is
-    repeated to that batch size. `size`: the (H, W) of the image the map belongs to, which tells a
-    [B,H,1] batch of 1-px-wide maps from one [H,W,1] map (see `is_single_map_hw1`).
+    Accepts [H,W], [B,H,W], [H,W,1] (numpy), [B,1,H,W] or [B,H,W,C] (the first channel is used); no
+    value checks or clamping here (depth may legitimately hold any value). With `batch`, a single map
+    is repeated to that batch size. A 3-D torch tensor is [B,H,W] (the core's and ComfyUI's layout), a
+    3-D numpy array [a,b,1] is [H,W,1]; `size`, the (H, W) of the image the map belongs to, settles
+    the cases where the shape fits only one of the readings (`is_single_map_hw1`, `is_channels_first`).
     """
+    channels_last = not isinstance(x, torch.Tensor)
     if isinstance(x, np.ndarray):
         t = torch.from_numpy(np.ascontiguousarray(x).astype(np.float32))
     elif isinstance(x, torch.Tensor):
@@ -133,7 +147,7 @@ def to_map_batch(x, name: str = "map", batch: int | None = None, size=None) -> t
     if t.ndim == 2:
         t = t[None]
     elif t.ndim == 3:
-        t = t[None, ..., 0] if t.shape[-1] == 1 and is_single_map_hw1(t.shape, size) else t
+        t = t[None, ..., 0] if t.shape[-1] == 1 and is_single_map_hw1(t.shape, size, channels_last) else t
     elif t.ndim == 4:
         t = t[:, 0] if is_channels_first(t.shape, size) else t[..., 0]
     else:

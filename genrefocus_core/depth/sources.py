@@ -68,10 +68,9 @@ def read_map(x, name: str = "depth map", size=None) -> torch.Tensor:
     """Any single-channel-like map -> float32 [B, H, W] with its stored values (no rescaling).
 
     Accepts torch tensors and numpy arrays ([H,W], [B,H,W], [B,H,W,C] with C in 1/3/4, [B,1,H,W]),
-    PIL images, and ComfyUI IMAGE/MASK tensors. A 3-D torch tensor is a batch [B,H,W] (ComfyUI MASK)
-    unless its last dimension is 1 (then one map [H,W,1], except when `size`, the (H, W) of the image
-    it belongs to, shows a batch of 1-px-wide maps); a 3-D numpy array with 1, 3 or 4 in its last
-    dimension is [H,W,C].
+    PIL images, and ComfyUI IMAGE/MASK tensors. A 3-D torch tensor is a batch [B,H,W] (ComfyUI MASK),
+    a 3-D numpy array with 1, 3 or 4 in its last dimension is [H,W,C]; `size`, the (H, W) of the image
+    the map belongs to, settles shapes that fit only one reading (`images.is_single_map_hw1`).
     Integer data keeps its codes (a 16-bit PNG in millimetres stays in millimetres). An RGB(A) map
     must be grey (equal channels); alpha is ignored. NaN values are kept (see
     `disparity_from_external`).
@@ -94,12 +93,13 @@ def read_map(x, name: str = "depth map", size=None) -> torch.Tensor:
     if t.ndim == 2:
         t = t[None, :, :, None]
     elif t.ndim == 3:
-        if (t.shape[-1] == 1 and is_single_map_hw1(t.shape, size)) or (channels_last_3d and t.shape[-1] in (3, 4)):
+        if (t.shape[-1] == 1 and is_single_map_hw1(t.shape, size, channels_last_3d)) or \
+                (channels_last_3d and t.shape[-1] in (3, 4)):
             t = t[None]  # [H,W,C]
         else:
             t = t[..., None]  # [B,H,W]
     elif t.ndim == 4:
-        if is_channels_first(t.shape, size) and t.shape[-1] not in (1, 3, 4):
+        if is_channels_first(t.shape, size):
             t = t.permute(0, 2, 3, 1)  # [B,1,H,W]
         elif t.shape[-1] not in (1, 3, 4):
             raise InputError(f"{name}: cannot tell the channels of shape {tuple(t.shape)}; "

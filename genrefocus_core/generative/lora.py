@@ -98,15 +98,23 @@ def read_lora_file(path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise ModelFileError(f"LoRA file {path}: module '{module_path}' has no {missing} weight.")
         a, b = ab["A"], ab["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise ModelFileError(
+                f"LoRA file {path}: module '{module_path}' holds {a.dtype} / {b.dtype} tensors; LoRA weights are "
+                "floating-point numbers (integer or bool data is not a LoRA, or the file is damaged).")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
             raise ModelFileError(
                 f"LoRA file {path}: module '{module_path}' has inconsistent shapes lora_A {tuple(a.shape)}, "
                 f"lora_B {tuple(b.shape)} (expected [r, in] and [out, r])."
             )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (_all_finite(a) and _all_finite(b)):
             raise ModelFileError(f"LoRA file {path}: module '{module_path}' holds NaN or infinite values.")
         out[module_path] = (a, b)
     return out
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())  # no isfinite for fp8
 
 
 def _check_against_model(transformer, path, weights) -> None:

@@ -29,6 +29,7 @@ from ..basics.errors import InputError, ModelFileError
 from ..basics.images import bchw_to_bhwc, bhwc_to_bchw, crop, pad_to_multiple, to_image_batch, to_map_batch
 from .flux_layouts import BflLayout
 from .multi_branch_forward import prepare_constants
+from .prompt_embedding import check_fits_transformer
 from .stages import ADAPTERS, APERTURE_ADAPTER, BOKEH, BOKEH_ADAPTER, DEBLUR, PRE_DEBLUR_ADAPTER, deblur_adapter
 from .sampling import (DenoiseInputs, ProgressCallback, SamplerSettings, SequenceSize, check_noise, denoise,
                        initial_noise, resolve_seed, use_tiling)
@@ -60,7 +61,7 @@ class GenRefocusPipeline:
     def __init__(self, transformer, vae, prompt_embeddings: Mapping, *, device=None, dtype=None, offload=None):
         self.transformer = transformer
         self.vae = vae
-        self.prompt_embeddings = prompt_embeddings
+        self.prompt_embeddings = prompt_embeddings  # checked against the transformer (setter below)
         self.offload = offload
         if device is None:
             device = getattr(offload, "execution_device", None) if offload is not None else None
@@ -79,6 +80,19 @@ class GenRefocusPipeline:
                 dtype = torch.bfloat16  # fp8 storage computes in bf16
         self.dtype = dtype
         self.last_seed: int | None = None
+
+    @property
+    def prompt_embeddings(self) -> Mapping:
+        return self._prompt_embeddings
+
+    @prompt_embeddings.setter
+    def prompt_embeddings(self, embeddings: Mapping) -> None:
+        """Every embedding given is checked against the transformer it will meet (widths), so a wrong
+        file fails when it is given, not at the first denoising step."""
+        for stage, emb in (embeddings or {}).items():
+            if emb is not None:
+                check_fits_transformer(emb, self.transformer, stage)
+        self._prompt_embeddings = embeddings
 
     # ------------------------------------------------------------------ adapters
     def load_lora(self, path, adapter_name: str) -> list[str]:

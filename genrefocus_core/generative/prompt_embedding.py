@@ -33,6 +33,13 @@ class PromptEmbedding:
                 f"text_ids must be [{self.prompt_embeds.shape[1]}, 3] to match prompt_embeds, "
                 f"got {tuple(self.text_ids.shape)}."
             )
+        for name, t in (("prompt_embeds", self.prompt_embeds), ("pooled prompt embedding", self.pooled),
+                        ("text_ids", self.text_ids)):
+            if not t.is_floating_point():
+                raise ModelFileError(f"{name} must hold floating-point numbers, got {t.dtype}.")
+            if not torch.isfinite(t.float()).all():
+                raise ModelFileError(f"{name} contains NaN or infinite values: the encoding is broken; encode the "
+                                     "prompt again (or use another prompt-embeddings file).")
 
     def to(self, device=None, dtype=None) -> "PromptEmbedding":
         """Move to `device`; embeddings (not the integer-valued ids) are cast to `dtype`."""
@@ -63,3 +70,23 @@ class PromptEmbedding:
                 f"file has {sorted(tensors)})."
             )
         return cls(prompt_embeds=tensors[keys[0]], pooled=tensors[keys[1]], text_ids=tensors[keys[2]])
+
+
+# Where diffusers' and the original (BFL) FLUX layouts take the T5 sequence and the pooled CLIP vector.
+_TEXT_INPUTS = (("context_embedder", "txt_in"), ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"))
+
+
+def check_fits_transformer(emb, transformer, stage: str) -> None:
+    """ModelFileError when a stage's embedding does not have the widths the transformer reads (T5
+    width D of prompt_embeds, CLIP width P of pooled): caught here, with the widths named, instead of
+    as a matrix-shape error deep inside the first denoising step."""
+    modules = dict(transformer.named_modules())
+    for (diffusers_name, bfl_name), (what, width) in zip(
+            _TEXT_INPUTS, (("T5 prompt embedding", emb.prompt_embeds.shape[-1]), ("pooled CLIP embedding",
+                                                                                 emb.pooled.shape[-1]))):
+        layer = modules.get(diffusers_name, modules.get(bfl_name))
+        wanted = getattr(layer, "in_features", None)
+        if wanted is not None and int(width) != int(wanted):
+            raise ModelFileError(f"The '{stage}' {what} is {width} wide but this FLUX transformer reads {wanted}: the "
+                                 "embeddings were made by other text encoders (FLUX.1-dev uses T5-XXL, 4096, and "
+                                 "CLIP-L, 768). Encode the prompts with FLUX's text encoders.")
