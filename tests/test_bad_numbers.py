@@ -97,7 +97,6 @@ def test_core_refuses_non_finite_numbers(bad):
         "Focus disparity": lambda: defocus.focus_disparity(disp, value=bad),
         "Blur level K": lambda: defocus.defocus_map(disp, 0.5, bad),
         "f-number": lambda: defocus.blur_level_from_lens(bad, 50.0, 36.0, 2.0, 100),
-        "focus distance": lambda: defocus.blur_level_from_lens(2.0, 50.0, 36.0, bad, 100),
         "rotation": lambda: apertures.polygon(6, rotation_deg=bad),
         "rotation  ": lambda: apertures.star(5, 0.5, rotation_deg=bad),
         "rotation   ": lambda: apertures.heart(rotation_deg=bad),
@@ -110,6 +109,8 @@ def test_core_refuses_non_finite_numbers(bad):
         "vignetting": lambda: render_bokeh(img, disp, 0.5, 5.0, vignetting=bad),
         "Focus disparity ": lambda: render_bokeh(img, disp, bad, 5.0),
     }
+    if bad != float("inf"):  # +inf is a lens focused at infinity
+        cases["focus distance"] = lambda: defocus.blur_level_from_lens(2.0, 50.0, 36.0, bad, 100)
     for what, call in cases.items():
         with pytest.raises(InputError) as e:
             call()
@@ -132,17 +133,39 @@ def test_sampler_and_depth_options_refuse_non_finite_numbers():
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-@pytest.mark.parametrize("option", ["--focus-x", "--K", "--rotation", "--curvature", "--highlight-boost",
-                                    "--f-number", "--focal-length", "--sensor-width", "--focus-depth",
-                                    "--focus-disparity"])
-def test_render_cli_refuses_non_finite_options_before_any_work(tmp_path, capsys, monkeypatch, option):
+def _float_options(parser):
+    return [a.option_strings[0] for a in parser._actions if a.type is float]
+
+
+def test_every_float_option_of_every_command_refuses_nan_and_infinity(tmp_path, capsys, monkeypatch):
+    """All float options of render, demo, deblur and refocus (read from their parsers), before any work."""
+    from genrefocus_core.cli import demo, generative, render
+    from genrefocus_core.cli.options import INFINITY_ALLOWED
+
     photo, depth = photo_and_depth(tmp_path)
-    forbid(monkeypatch, "genrefocus_core.cli.render.load_image")
+    for target in ("genrefocus_core.cli.render.load_image", "genrefocus_core.cli.generative._load",
+                   "genrefocus_core.cli.demo.make_scene"):
+        forbid(monkeypatch, target)
+    commands = {
+        "render": (render.build_parser(), ["--image", photo, "--depth", depth, "--out", tmp_path / "o.png"]),
+        "refocus": (generative.build_parser("refocus"), ["--image", photo, "--out", tmp_path / "o.png",
+                                                         "--bokeh-lora", photo, "--depth", depth]),
+        "demo": (None, ["--out", tmp_path / "demo"]),
+    }
     before = snapshot(tmp_path)
-    for bad in ("nan", "inf", "-inf"):
-        code, err = run_cli(capsys, "render", "--image", photo, "--depth", depth, "--out", tmp_path / "o.png",
-                            f"{option}={bad}")
-        assert code == 1 and f"{option} must be a finite number" in err, err
+    checked = 0
+    for command, (parser, base) in commands.items():
+        options = _float_options(parser) if parser is not None else ["--K"]
+        for option in options:
+            dest = option.lstrip("-").replace("-", "_")
+            for bad in ("nan", "inf", "-inf"):
+                if bad == "inf" and dest in INFINITY_ALLOWED:
+                    continue
+                code, err = run_cli(capsys, command, *base, f"{option}={bad}")
+                assert code == 1 and "must be a finite number" in err and dest.replace("_", "-") in err, \
+                    (command, option, bad, err)
+                checked += 1
+    assert checked > 60
     assert snapshot(tmp_path) == before
 
 

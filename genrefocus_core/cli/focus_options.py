@@ -3,6 +3,7 @@ The rules behind them live in the core (`depth.sources`, `basics.defocus`); this
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -39,6 +40,8 @@ def _pair(text: str, what: str):
         a, b = (float(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"{what} must be two comma-separated numbers 'x,y', got {text!r}.") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise InputError(f"{what} must be two finite numbers 'x,y', got {text!r}.")
     return a, b
 
 
@@ -84,7 +87,10 @@ def focus_kwargs(args, size: tuple[int, int]) -> dict:
             raise InputError(f"Focus point (x={x}, y={y}) lies outside the {W}x{H} image.")
         return {"point": (x, y)}
     if args.focus_norm is not None:
-        return {"point": _pair(args.focus_norm, "--focus-norm"), "normalized": True}
+        point = _pair(args.focus_norm, "--focus-norm")
+        if not all(0.0 <= v <= 1.0 for v in point):
+            raise InputError(f"--focus-norm {args.focus_norm}: both fractions must lie in [0, 1].")
+        return {"point": point, "normalized": True}
     if args.focus_mask is not None:
         from ..basics.images import load_image
         return {"mask": load_image(args.focus_mask)[0].mean(-1)}

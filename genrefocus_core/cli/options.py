@@ -13,11 +13,19 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+# Options where 'inf' means something (a lens focused at infinity); NaN is refused there too.
+INFINITY_ALLOWED = {"focus_distance"}
+
+
 def check_finite_options(args: argparse.Namespace) -> None:
-    """Every float option must be a finite number (NaN and inf are refused, naming the option)."""
+    """Every float option must be a finite number (NaN and inf are refused, naming the option; +inf
+    only where it has a meaning, INFINITY_ALLOWED)."""
     for dest, value in vars(args).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{_flag(dest)} must be a finite number, got {value}.")
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if dest in INFINITY_ALLOWED and value == math.inf:
+            continue
+        raise InputError(f"{_flag(dest)} must be a finite number, got {value}.")
 
 
 def check_outputs(args: argparse.Namespace, images=(), arrays=(), inputs=()) -> None:

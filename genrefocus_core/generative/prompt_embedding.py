@@ -80,7 +80,10 @@ def check_fits_transformer(emb, transformer, stage: str) -> None:
     """ModelFileError when a stage's embedding does not have the widths the transformer reads (T5
     width D of prompt_embeds, CLIP width P of pooled): caught here, with the widths named, instead of
     as a matrix-shape error deep inside the first denoising step."""
-    modules = dict(transformer.named_modules())
+    net = transformer if hasattr(transformer, "named_modules") else getattr(transformer, "model", None)  # BflLayout
+    if net is None:
+        return
+    modules = dict(net.named_modules())
     for (diffusers_name, bfl_name), (what, width) in zip(
             _TEXT_INPUTS, (("T5 prompt embedding", emb.prompt_embeds.shape[-1]), ("pooled CLIP embedding",
                                                                                  emb.pooled.shape[-1]))):
