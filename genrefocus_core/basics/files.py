@@ -228,3 +228,23 @@ def numpy_file_header(f, path, size: int) -> tuple[tuple, object]:
         raise InputError(f"{path}: the header promises an array of shape {tuple(shape)} ({_gib(nbytes)} of "
                          f"{dtype}), but the file holds only {have} bytes of data: truncated or corrupt.")
     return tuple(shape), dtype
+
+
+# Working copies a loaded array gets on its way to a float32 map (float32 copy, torch tensor, result).
+ARRAY_WORKING_COPIES = 3
+
+
+def read_npy(f, path, size: int):
+    """The array of a .npy stream of `size` bytes (a file, or a member of an .npz), after checking
+    that its header tells the truth (`numpy_file_header`) and that it and its float32 working copies
+    fit in the free memory: a header promising terabytes is refused before anything is allocated."""
+    import numpy as np
+    from numpy.lib import format as npformat
+
+    start = f.tell()
+    shape, dtype = numpy_file_header(f, path, size)
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    check_fits_in_memory(count * (dtype.itemsize + 4 * ARRAY_WORKING_COPIES),
+                         f"{path} (an array of shape {tuple(shape)} of {dtype})")
+    f.seek(start)
+    return npformat.read_array(f, allow_pickle=False)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,8 @@ from PIL import Image
 
 from ..basics.defocus import require_positive_depth
 from ..basics.errors import InputError, finite_number
-from ..basics.images import fill_with_median, is_channels_first, is_single_map_hw1, resize_map
+from ..basics.files import read_npy
+from ..basics.images import fill_with_median, is_channels_first, is_single_map_hw1, open_image, resize_map
 
 log = logging.getLogger(__name__)
 
@@ -374,30 +376,29 @@ def load_depth_file(path) -> torch.Tensor:
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
+            with open(p, "rb") as f:
+                arr = read_npy(f, p, p.stat().st_size)
         elif suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 names = list(z.files)
                 key = next((n for n in ("depth", "disparity") if n in names), names[0] if len(names) == 1 else None)
                 if key is None:
                     raise InputError(f"{p} holds several arrays ({', '.join(names)}); name one 'depth' or 'disparity'.")
-                arr = z[key]
+                with z.zip.open(key + ".npy") as member:
+                    arr = read_npy(member, f"{p} ({key})", z.zip.getinfo(key + ".npy").file_size)
         elif suffix == ".pfm":
             arr = _read_pfm(p)
         elif suffix == ".exr":
             arr = _read_exr(p)
         else:
-            from PIL import Image, UnidentifiedImageError
-            try:
-                with Image.open(p) as im:
-                    arr = _pil_stored_values(im)
-            except UnidentifiedImageError:
-                raise InputError(f"{p} is not a depth file this pack can read "
-                                 "(.npy, .npz, .pfm, .exr, PNG, TIFF).") from None
+            with open_image(p, "Depth file") as im:
+                arr = _pil_stored_values(im)
     except InputError:
         raise
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise InputError(f"Cannot read the depth file {p}: {e}") from None
+    except MemoryError:
+        raise InputError(f"The depth file {p} is too large for the memory of this machine.") from None
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]

@@ -79,9 +79,21 @@ def _folder_or_file(path_or_dir, subfolder: str, kind: str):
 
 
 def _load_json(path: Path) -> dict:
-    import json
+    return mf.read_json_config(path)
 
-    return json.loads(Path(path).read_text())
+
+@contextlib.contextmanager
+def offline_load(source, what: str):
+    """Offline hub, and whatever diffusers/transformers raise on a damaged folder (a config with wrong
+    fields, weights that do not fit it) as a ModelFileError naming the folder and the part."""
+    with offline_hub():
+        try:
+            yield
+        except (ModelFileError, MemoryError):
+            raise
+        except Exception as e:  # the libraries raise OSError, ValueError, KeyError, their own errors...
+            raise ModelFileError(f"{source}: cannot be loaded as {what} ({type(e).__name__}: {e}). The folder is "
+                                 "damaged or holds another model; download it again.") from None
 
 
 def _assert_materialised(model: torch.nn.Module, source) -> None:
@@ -307,8 +319,9 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
         if not cfg.get("guidance_embeds", False):
             raise ModelFileError(f"{folder}: this FLUX transformer has guidance_embeds=false: it is FLUX.1-schnell "
                                  "(no guidance embedding), but the GenRefocus LoRAs need FLUX.1-dev.")
-        with offline_hub():
-            model = FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        with offline_load(folder, "a FLUX.1-dev transformer"):
+            model = FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                           use_safetensors=True)
         model.eval().requires_grad_(False)
         if keep_fp8:
             to_fp8_storage(model, compute_dtype=dtype)
@@ -318,7 +331,8 @@ def load_flux_transformer(path_or_dir, dtype: torch.dtype = torch.bfloat16, *, c
     prefix, keys = mf.select_component(header.keys(), mf.TRANSFORMER_PREFIXES, mf.TRANSFORMER_ANCHORS)
     family = mf.check_flux_transformer_keys(path, [k[len(prefix):] for k in keys])
     cfg_dir = _config_dir(config_dir, FLUX_DEV_TRANSFORMER_CONFIG)
-    config = dict(FluxTransformer2DModel.load_config(str(cfg_dir)))
+    with offline_load(cfg_dir, "a FLUX transformer config"):
+        config = dict(FluxTransformer2DModel.load_config(str(cfg_dir)))
     tensors, scales = _split_fp8_scales(_read_tensors(path, keys, prefix))
     if family == mf.FLUX_BFL:
         tensors, scales = convert_bfl_transformer(tensors, config, scales, source=path)
@@ -357,8 +371,9 @@ def load_flux_vae(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir
 
     folder, path = _folder_or_file(path_or_dir, "vae", "vae")
     if folder is not None:
-        with offline_hub():
-            vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+        with offline_load(folder, "the FLUX autoencoder"):
+            vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+                                                use_safetensors=True)
     else:
         header = mf.read_safetensors_header(path)
         prefix, keys = mf.select_component(header.keys(), mf.VAE_PREFIXES, mf.VAE_ANCHORS)
@@ -375,13 +390,9 @@ def load_flux_vae(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir
                                  f"{cfg['latent_channels']}. " + ("It is an SD 1.x/SDXL VAE: use FLUX's ae.safetensors "
                                  f"in {mf.COMFYUI_FOLDERS['vae']}." if got == 4 else ""))
         tensors = _read_tensors(path, keys, prefix)  # only the VAE, also from an all-in-one checkpoint
-        with offline_hub():
-            try:
-                vae = AutoencoderKL.from_single_file(tensors, config=str(cfg_dir), local_files_only=True,
-                                                     torch_dtype=dtype)
-            except (KeyError, RuntimeError, ValueError) as e:
-                raise ModelFileError(f"{path}: cannot be read as a FLUX autoencoder with config {cfg_dir} "
-                                     f"({type(e).__name__}: {e}).") from None
+        with offline_load(f"{path} (config {cfg_dir})", "a FLUX autoencoder"):
+            vae = AutoencoderKL.from_single_file(tensors, config=str(cfg_dir), local_files_only=True,
+                                                 torch_dtype=dtype)
         _assert_materialised(vae, path)
     vae.eval().requires_grad_(False)
     return vae
@@ -398,11 +409,14 @@ def _load_text_encoder(path_or_dir, dtype, config_dir, *, kind: str, subfolder: 
 
     folder, path = _folder_or_file(path_or_dir, subfolder, kind)
     if folder is not None:
-        with offline_hub():
+        with offline_load(folder, f"the {kind} text encoder"):
             # .to(dtype) too: older transformers name the argument torch_dtype and ignore `dtype`
-            model = model_cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True).to(dtype)
+            model = model_cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                              use_safetensors=True).to(dtype)
         return model.eval().requires_grad_(False)
-    config = config_cls.from_pretrained(str(_config_dir(config_dir, default_config)), local_files_only=True)
+    cfg_dir = _config_dir(config_dir, default_config)
+    with offline_load(cfg_dir, f"a {kind} text encoder config"):
+        config = config_cls.from_pretrained(str(cfg_dir), local_files_only=True)
     header = mf.read_safetensors_header(path)
     prefix, keys = mf.select_component(header.keys(), prefixes, anchors)
     family = mf.identify_family([k[len(prefix):] for k in keys])
@@ -493,5 +507,5 @@ def load_tokenizers(tokenizer_dir):
     from transformers import AutoTokenizer
 
     dirs = tokenizer_folders(tokenizer_dir)
-    with offline_hub():
+    with offline_load(tokenizer_dir, "the CLIP and T5 tokenizers"):
         return tuple(AutoTokenizer.from_pretrained(str(d), local_files_only=True) for d in dirs)

@@ -99,11 +99,54 @@ def require_diffusers_component(root, subfolder: str, kind: str) -> Path:
         if (candidate / "config.json").is_file() or (candidate / "scheduler_config.json").is_file():
             if subfolder.startswith("tokenizer"):
                 continue
+            check_component_folder(candidate, kind)
             return candidate
         if subfolder.startswith("tokenizer") and (candidate / "tokenizer_config.json").is_file():
             return candidate
     raise MissingModelFileError(f"{subfolder}/config.json", root,
                                 f"{root} is not a diffusers folder with a '{subfolder}' component ({kind}).")
+
+
+# Weight files that are Python pickles: opening one can run code, so they are never loaded.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def read_json_config(path) -> dict:
+    """A model config file as a dict; ModelFileError naming the file when it is not a JSON object."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not a readable JSON config ({e}); the folder is damaged, download it "
+                             "again.") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: not a model config (a JSON object was expected, got {type(config).__name__}).")
+    return config
+
+
+def check_component_folder(folder, kind: str) -> None:
+    """A diffusers component folder (transformer/, vae/, text_encoder/...), checked before diffusers or
+    transformers read it: config.json is a JSON object, the weights are safetensors files whose headers
+    are intact and whose data is complete (a truncated download is named), sharded weights have all
+    their shards; pickle weights (.bin, .pt, ...) are refused, never opened."""
+    folder = Path(folder)
+    read_json_config(folder / "config.json")
+    weights = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if not weights:
+        if pickles:
+            raise ModelFileError(f"{folder}: the {kind} weights are pickle files ({', '.join(pickles)}), which can run "
+                                 "code when opened and are never loaded. Use the .safetensors files of this model "
+                                 "(FLUX.1-dev's diffusers folder ships them).")
+        raise MissingModelFileError("*.safetensors", folder, f"The {kind} folder has a config.json but no weights.")
+    for index in folder.glob("*.safetensors.index.json"):
+        shards = set(read_json_config(index).get("weight_map", {}).values())
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise MissingModelFileError(missing[0], folder, f"{index.name} lists {len(missing)} shard(s) that are "
+                                        "not there; the download is incomplete.")
+    for w in weights:
+        read_safetensors_header(w)
 
 
 def read_safetensors_header(path) -> SafetensorsHeader:
