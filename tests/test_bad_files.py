@@ -162,3 +162,11 @@ def test_corrupt_diffusers_folder(tiny_dir, tmp_path, how, problem):
         loaders[part]()
     assert not marker.exists()
     assert snapshot(tmp_path) == before
+
+
+def test_render_too_large_for_the_free_memory_is_refused_before_rendering(monkeypatch):
+    from genrefocus_core.classical.renderer import render_bokeh
+
+    monkeypatch.setattr(files, "available_memory_bytes", lambda: 10_000)
+    with pytest.raises(InputError, match=r"Rendering 1 image\(s\) of 40x30 px needs about .* but only 9.8 KiB"):
+        render_bokeh(torch.rand(1, 30, 40, 3), torch.rand(1, 30, 40), 0.5, 5.0)

@@ -193,7 +193,10 @@ def available_memory_bytes() -> int | None:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
@@ -201,7 +204,7 @@ def check_fits_in_memory(nbytes: int, what: str) -> None:
     avail = available_memory_bytes()
     if avail is not None and nbytes > avail:
         raise InputError(f"{what} needs about {_gib(nbytes)} of memory, but only {_gib(avail)} is available: "
-                         "too large for this machine. Use a smaller file (downscale it).")
+                         "too large for this machine (downscale it, or free memory).")
 
 
 def numpy_file_header(f, path, size: int) -> tuple[tuple, object]:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..basics.apertures import Aperture, circle, vignetted
 from ..basics.defocus import IN_FOCUS_RADIUS, check_blur_level, resolve_focus, signed_coc
 from ..basics.errors import InputError
+from ..basics.files import check_fits_in_memory
 from ..basics.images import fill_with_median, resize_map, to_image_batch, to_map_batch
 from .grain import add_matched_grain
 
@@ -59,6 +60,9 @@ QUALITY_PRESETS = {"fast": (0.25, 4.0, UNIT_STEP_RADIUS), "balanced": (LEVEL_STE
                    "best": (0.0625, 16.0, 16.0)}
 # Radii are capped at this fraction of the image's long edge (a bigger blur is a uniform wash).
 MAX_RADIUS_FRACTION = 0.5
+# Peak working memory per pixel above the inputs, whatever K is (docs/classical.md "Memory": 250-310 B
+# measured): checked against the free memory before a CPU render starts.
+RENDER_BYTES_PER_PIXEL = 320
 # Pixels with |r| below IN_FOCUS_RADIUS are in focus: copied exactly when the render differs from them
 # by no more than EXACT_TOLERANCE (FFT rounding; light from other levels changes them by more).
 EXACT_TOLERANCE = 1e-5
@@ -823,6 +827,8 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     img = to_image_batch(image)
     B, H, W, _ = img.shape
     device = img.device
+    if device.type == "cpu":
+        check_fits_in_memory(B * H * W * RENDER_BYTES_PER_PIXEL, f"Rendering {B} image(s) of {W}x{H} px")
     if colorspace not in ("srgb", "linear"):
         raise InputError(f"colorspace must be 'srgb' or 'linear', got {colorspace!r}.")
     if not (math.isfinite(float(highlight_boost)) and float(highlight_boost) >= 0):

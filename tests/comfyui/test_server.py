@@ -233,6 +233,23 @@ def test_failing_nodes_show_our_message_and_the_server_keeps_serving(server):
     _classical_ok(server, 12.0)
 
 
+def test_nan_and_infinity_in_widgets_are_refused_by_our_nodes(server):
+    """NaN passes ComfyUI's own min/max validation (it compares false); the node says which input."""
+    for class_type, name, value in (("GenRefocusApertureShape", "rotation_deg", float("nan")),
+                                    ("GenRefocusDefocusMap", "K", float("nan")),
+                                    ("GenRefocusClassicalBokeh", "highlight_boost", float("nan"))):
+        api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+        node_id = next(k for k, v in api.items() if v["class_type"] == class_type)
+        api[node_id]["inputs"][name] = value
+        st, resp = server.post_prompt(api)
+        assert st == 200, resp  # accepted by ComfyUI's validation...
+        h = server.wait(resp["prompt_id"])
+        (err,) = errors_of(h)  # ...and refused by the node, naming the input
+        assert err["node_id"] == node_id and err["exception_type"].endswith("InputError"), err
+        assert f"'{name}' must be a finite number" in err["exception_message"], err
+    _classical_ok(server, 13.0)
+
+
 def test_progress_per_step_and_interrupt_between_steps(server):
     ws = WebSocketMessages(server.port)
     try:
