@@ -171,3 +171,12 @@ def test_generative_cli_refuses_outputs_before_loading_models(tmp_path, capsys, 
         code, err = run_cli(capsys, *base, *extra)
         assert code == 1 and problem in err, (extra, err)
     assert snapshot(tmp_path) == before
+
+
+def test_demo_refuses_bad_requests_before_creating_its_folder(tmp_path, capsys, monkeypatch):
+    forbid(monkeypatch, "genrefocus_core.cli.demo.make_scene")
+    for extra, problem in ((["--size", "99999x99999"], "too large"), (["--seed", "-1"], "seed must be a whole number"),
+                           (["--K", "-2"], "Blur level K")):
+        code, err = run_cli(capsys, "demo", "--out", tmp_path / "demo", *extra)
+        assert code == 1 and problem in err, (extra, err)
+    assert list(tmp_path.iterdir()) == []

@@ -63,8 +63,9 @@ def _disc(yy, xx, cy, cx, r):
     return np.clip(r + 0.5 - np.hypot(yy - cy, xx - cx), 0.0, 1.0)
 
 
-def make_scene(height: int = 384, width: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (image [1,H,W,3] float32 sRGB in [0,1], depth_m [1,H,W] float32 metres, all finite > 0)."""
+def check_scene_request(height, width, seed) -> tuple[int, int]:
+    """(height, width) as ints when a scene of that size and seed can be made here, else InputError
+    (the demo checks before it creates its output folder)."""
     height, width = int(height), int(width)
     if height < 8 or width < 8:
         raise InputError(f"Scene size must be at least 8x8 px, got {width}x{height}.")
@@ -73,6 +74,12 @@ def make_scene(height: int = 384, width: int = 512, seed: int = 0) -> tuple[torc
     if isinstance(seed, bool) or int(seed) != seed or seed < 0:
         raise InputError(f"Scene seed must be a whole number >= 0, got {seed!r}.")
     check_fits_in_memory(height * width * SCENE_BYTES_PER_PIXEL, f"A {width}x{height} test scene")
+    return height, width
+
+
+def make_scene(height: int = 384, width: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (image [1,H,W,3] float32 sRGB in [0,1], depth_m [1,H,W] float32 metres, all finite > 0)."""
+    height, width = check_scene_request(height, width, seed)
     rng = np.random.default_rng(int(seed))
     H, W = height, width
     s = min(H, W) / 384.0  # feature scale

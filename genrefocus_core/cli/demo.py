@@ -16,7 +16,7 @@ from ..basics.defocus import blur_level_from_lens, check_blur_level, disparity_f
 from ..basics.errors import InputError
 from ..basics.files import check_output_folder, save_array, save_pil_image
 from ..basics.images import save_image, to_uint8
-from ..basics.scene import make_scene, scene_landmarks
+from ..basics.scene import check_scene_request, make_scene, scene_landmarks
 from .options import check_finite_options
 
 
@@ -91,8 +91,7 @@ def main(argv) -> int:
     a = ap.parse_args(list(argv[1:]))
     check_finite_options(a)
     w, h = _parse_size(a.size)
-    if a.seed < 0:
-        raise InputError(f"--seed must be a whole number >= 0, got {a.seed}.")
+    check_scene_request(h, w, a.seed)
     check_blur_level(a.K)
     out = check_output_folder(a.out, "--out")  # an existing file of that name is refused, never replaced
 
