@@ -20,7 +20,7 @@ NODE_MODULES = {
     "defocus_nodes": "torch (defocus maps)",
     "focus_pull_nodes": "torch (focus pulls over frames)",
     "classical_nodes": "torch (classical bokeh renderer)",
-    "generative_nodes": "diffusers, peft, transformers, safetensors (FLUX DeblurNet/BokehNet)",
+    "generative_nodes": "safetensors (DeblurNet/BokehNet on ComfyUI's FLUX MODEL)",
 }
 
 

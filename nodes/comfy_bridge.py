@@ -252,3 +252,9 @@ def save_preview_images(images, prefix: str = "genrefocus") -> list[dict]:
 def input_directory() -> str | None:
     fp = folder_paths()
     return fp.get_input_directory() if fp is not None else None
+
+
+def model_patcher_type():
+    """ComfyUI's ModelPatcher class (to hand extra weights to its memory manager), or None outside ComfyUI."""
+    module = _optional("comfy.model_patcher")
+    return getattr(module, "ModelPatcher", None) if module is not None else None

@@ -1,28 +1,23 @@
-"""Generative nodes on FLUX.1-dev: LoadGenRefocus, DeblurNet, BokehNet and TiledSampler.
+"""Generative nodes on FLUX.1-dev: Load GenRefocus, DeblurNet, BokehNet and TiledSampler.
 
-The pipeline is cached between runs: ComfyUI keeps the loader's output while the graph uses it, and
-this module keeps a weak reference to it, so a re-run with the same FLUX/VAE/memory mode reuses the
-loaded weights (changed LoRA files are swapped as adapters, new prompt embeddings replace the old ones,
-FLUX is not reloaded), while ComfyUI's "free memory" and cache eviction still release it. ComfyUI's own models are unloaded before FLUX is loaded and before
-each stage runs; in the offloading memory modes the core moves FLUX back to the CPU after each stage.
+They run on ComfyUI's own models: Load GenRefocus takes the MODEL of any FLUX.1-dev loader (Load
+Diffusion Model in any weight dtype, a checkpoint, ComfyUI-GGUF's loader) and adds the GenRefocus LoRA
+adapters beside it (never merged into its weights; `native_flux`); DeblurNet and BokehNet encode and
+decode with the connected VAE; the stage prompts come from the connected CLIP (or a prompt-embeddings
+file / the disk cache). ComfyUI's model management loads, offloads and frees FLUX and the adapters:
+a graph that also samples with KSampler holds one FLUX. (The standalone core and CLI keep their own
+diffusers loading.)
 """
 from __future__ import annotations
 
 import logging
-import weakref
-from pathlib import Path
 
-import diffusers  # noqa: F401  (the generative stages need diffusers and peft; without them only
-import peft  # noqa: F401       these nodes are disabled)
 import torch
 
 from genrefocus_core.basics.defocus import Defocus
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch
-from genrefocus_core.generative.loader import load_genrefocus, resolve_prompt_embeddings
-from genrefocus_core.generative.memory import MEMORY_MODES
-from genrefocus_core.generative.model_files import file_stamp
-from genrefocus_core.generative.pipeline import GenRefocusPipeline
+from genrefocus_core.generative.loader import resolve_prompt_embeddings
 from genrefocus_core.generative.prompt_cache import (T5_MAX_LENGTH, default_cache_dir, read_cached,
                                           store_prompt_embedding)
 from genrefocus_core.generative.prompt_embedding import PromptEmbedding
@@ -31,12 +26,12 @@ from genrefocus_core.generative.stages import (ADAPTERS, APERTURE_ADAPTER, BOKEH
                                                DEBLUR_ADAPTER, DEBLUR_VARIANTS, STAGES, deblur_adapter, stages_of)
 
 from . import comfy_bridge
+from .native_flux import NativeGenRefocus, attach
 from .common import APERTURE, CATEGORY, DEFOCUS, MODEL, SAMPLER, broadcast_batches, tip
 
 log = logging.getLogger("GenRefocus")
 
 NONE = "none"
-MEMORY_CHOICES = ["auto"] + list(MEMORY_MODES)
 # Encodings made with ComfyUI's FLUX text encoder go into the core's prompt cache under this identity, so
 # later runs can leave the (10 GB) text encoder out entirely.
 COMFY_CLIP_IDENTITY = "comfyui:flux-text-encoder(clip_l+t5xxl)"
@@ -48,22 +43,6 @@ def _with_none(names: list[str]) -> list[str]:
 
 def _pick_default(choices: list[str], wanted: str) -> str:
     return wanted if wanted in choices else choices[0] if choices else wanted
-
-
-def resolve_memory_mode(mode: str) -> str:
-    """'auto': full precision on the CPU, the 24 GB bf16 mode on a GPU."""
-    if mode == "auto":
-        return "fp32" if comfy_bridge.torch_device().type == "cpu" else "default"
-    if mode not in MEMORY_MODES:
-        raise InputError(f"Unknown memory mode {mode!r}; choose one of {MEMORY_CHOICES}.")
-    return mode
-
-
-def config_beside(path: str) -> str | None:
-    """A weights file with a config.json beside it (a diffusers component folder such as
-    transformer/ or vae/) is loaded with that config instead of the shipped FLUX.1-dev one."""
-    folder = Path(path).parent
-    return str(folder) if (folder / "config.json").is_file() else None
 
 
 def encode_with_comfy_clip(clip, prompt: str, min_length: int = T5_MAX_LENGTH) -> PromptEmbedding:
@@ -114,41 +93,21 @@ def stage_embeddings(stages, clip=None, prompt_file: str = NONE) -> dict:
                      f"(in {comfy_bridge.folder_hint('genrefocus')}).")
 
 
-class GenRefocusModel:
-    """What travels in GENREFOCUS_MODEL: the pipeline and its memory mode."""
-
-    def __init__(self, pipeline: GenRefocusPipeline, memory_mode: str):
-        self.pipeline, self.memory_mode = pipeline, memory_mode
-
-    def __repr__(self):
-        return f"GenRefocusModel({self.memory_mode}, adapters={self.pipeline.adapters})"
-
-
-_cache: dict = {}  # {"key": (FLUX, VAE, memory mode, device), "model": weakref to GenRefocusModel}
-
-
-def _bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 class GenRefocusLoadModel:
-    DESCRIPTION = ("Loads FLUX.1-dev with the GenRefocus LoRAs (DeblurNet, BokehNet). FLUX from "
-                   "models/diffusion_models (or unet), the VAE (ae.safetensors) from models/vae, the LoRAs from "
-                   "models/genrefocus. The stage prompts are encoded with the connected CLIP (DualCLIPLoader, "
-                   "type flux) or read from a prompt-embeddings file. Cached between runs.")
+    DESCRIPTION = ("Adds the GenRefocus LoRAs (DeblurNet, BokehNet; files in models/genrefocus) to a FLUX.1-dev "
+                   "MODEL from ComfyUI's loaders (Load Diffusion Model in any weight dtype, a checkpoint, the GGUF "
+                   "loader). The adapters act beside FLUX's weights, never merged, so the same MODEL can also feed "
+                   "KSampler. The stage prompts are encoded with the connected CLIP (DualCLIPLoader, type flux) "
+                   "or read from a prompt-embeddings file.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        flux = comfy_bridge.list_models("diffusion_models")
-        vae = comfy_bridge.list_models("vae")
         ours = _with_none(comfy_bridge.list_models("genrefocus"))
         return {
             "required": {
-                "flux_model": (flux, tip("FLUX.1-dev transformer (flux1-dev.safetensors, or an fp8 variant) in "
-                                         "models/diffusion_models. FLUX.1-schnell or other models do not work with "
-                                         "the GenRefocus LoRAs.", default=_pick_default(flux, "flux1-dev.safetensors"))),
-                "vae_name": (vae, tip("FLUX autoencoder (ae.safetensors) in models/vae.",
-                                      default=_pick_default(vae, "ae.safetensors"))),
+                "model": ("MODEL", tip("FLUX.1-dev from Load Diffusion Model (flux1-dev.safetensors, any weight "
+                                       "dtype), a FLUX checkpoint or the GGUF loader. FLUX.1-schnell or other models "
+                                       "do not work with the GenRefocus LoRAs.")),
                 "deblur_lora": (ours, tip("DeblurNet LoRA (deblurNet.safetensors) in models/genrefocus; 'none' "
                                           "disables DeblurNet.", default=_pick_default(ours, DEBLUR_ADAPTER.file))),
                 "bokeh_lora": (ours, tip("BokehNet LoRA (bokehNet.safetensors) in models/genrefocus; 'none' "
@@ -162,38 +121,29 @@ class GenRefocusLoadModel:
                                                 "models/genrefocus with the encoded stage prompts "
                                                 "(<stage>_prompt_embeds, <stage>_pooled_prompt_embeds, "
                                                 "<stage>_text_ids).", default=NONE)),
-                "memory_mode": (MEMORY_CHOICES, tip("auto: fp32 on the CPU, 'default' on a GPU. default: bf16, "
-                                                    "24 GB cards. low: fp8 weights + bf16 compute, 16 GB cards. "
-                                                    "sequential: layer-by-layer offload, 6-8 GB, slow. fp32: CPU.",
-                                                    default="auto")),
             },
             "optional": {
                 "clip": ("CLIP", tip("FLUX text encoder from DualCLIPLoader (clip_l + t5xxl, type flux) to encode "
-                                     "the two fixed stage prompts; it is unloaded before FLUX loads. The encodings "
-                                     "are cached on disk, so later runs work without it.")),
+                                     "the two fixed stage prompts. The encodings are cached on disk, so later runs "
+                                     "work without it.")),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, flux_model, vae_name, deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora,
-                        prompt_embeddings):
+    def VALIDATE_INPUTS(cls, deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora, prompt_embeddings):
         """Accept any file name here: ComfyUI's own check ("Value not in list") would reject a workflow naming
         a file not installed yet before `load` can say which file goes in which folder."""
         return True
 
     RETURN_TYPES = (MODEL,)
     RETURN_NAMES = ("genrefocus_model",)
-    OUTPUT_TOOLTIPS = ("FLUX.1-dev with the GenRefocus adapters, for DeblurNet and BokehNet.",)
+    OUTPUT_TOOLTIPS = ("The FLUX MODEL with the GenRefocus adapters, for DeblurNet and BokehNet.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY + "/loaders"
 
-    def load(self, flux_model, vae_name, deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora,
-             prompt_embeddings, memory_mode, clip=None):
-        mode = resolve_memory_mode(memory_mode)
-        comfy_bridge.require_model_files([("diffusion_models", flux_model), ("vae", vae_name)] + [
-            ("genrefocus", f) for f in (deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora, prompt_embeddings)])
-        flux_path = comfy_bridge.model_path("diffusion_models", flux_model)
-        vae_path = comfy_bridge.model_path("vae", vae_name)
+    def load(self, model, deblur_lora, bokeh_lora, pre_deblur_lora, aperture_lora, prompt_embeddings, clip=None):
+        comfy_bridge.require_model_files([("genrefocus", f) for f in (deblur_lora, bokeh_lora, pre_deblur_lora,
+                                                                      aperture_lora, prompt_embeddings)])
         chosen = {"deblur_lora": deblur_lora, "bokeh_lora": bokeh_lora, "pre_deblur_lora": pre_deblur_lora,
                   "aperture_lora": aperture_lora}
         loras = {a.name: comfy_bridge.model_path("genrefocus", chosen[a.option]) for a in ADAPTERS.values()
@@ -202,22 +152,7 @@ class GenRefocusLoadModel:
             raise InputError("Load GenRefocus: choose at least one LoRA (deblur_lora and/or bokeh_lora); put "
                              f"{DEBLUR_ADAPTER.file} / {BOKEH_ADAPTER.file} in {comfy_bridge.folder_hint('genrefocus')}.")
         embeddings = stage_embeddings(stages_of(loras), clip, prompt_embeddings)
-        device = comfy_bridge.torch_device()
-        key = (file_stamp(flux_path), file_stamp(vae_path), mode, str(device))
-        model = _cache["model"]() if _cache.get("key") == key else None
-        if model is not None:
-            model.pipeline.use_lora_files(loras)  # the core keeps which file each adapter holds
-        else:
-            _cache.clear()
-            comfy_bridge.free_memory(None)  # ComfyUI's models (its text encoders, another FLUX) make room
-            pipe = load_genrefocus(flux=flux_path, vae=vae_path, memory_mode=mode, device=device,
-                                   prompt_embeddings=embeddings, transformer_config=config_beside(flux_path),
-                                   vae_config=config_beside(vae_path),
-                                   **{ADAPTERS[a].option: p for a, p in loras.items()})
-            model = GenRefocusModel(pipe, mode)
-            _cache.update(key=key, model=weakref.ref(model))
-        model.pipeline.prompt_embeddings = embeddings
-        return (model,)
+        return (attach(model, loras, embeddings),)
 
 
 class GenRefocusTiledSampler:
@@ -270,13 +205,13 @@ class GenRefocusTiledSampler:
         return (settings.validated(),)
 
 
-def _model(model) -> GenRefocusPipeline:
-    if not isinstance(model, GenRefocusModel):
+def _model(model) -> NativeGenRefocus:
+    if not isinstance(model, NativeGenRefocus):
         raise InputError("'genrefocus_model' must come from Load GenRefocus.")
-    return model.pipeline
+    return model
 
 
-def _require_adapter(pipe: GenRefocusPipeline, adapter: str, node: str) -> None:
+def _require_adapter(pipe: NativeGenRefocus, adapter: str, node: str) -> None:
     """The LoRA a node needs must have been chosen in Load GenRefocus; say which input and file."""
     if adapter not in pipe.adapters:
         raise InputError(f"{node} needs the '{adapter}' LoRA: choose {ADAPTERS[adapter].file} as "
@@ -292,9 +227,9 @@ def _settings(sampler, default_seed: int) -> SamplerSettings:
     return sampler
 
 
-def _run_stage(pipe: GenRefocusPipeline, settings: SamplerSettings, fn):
-    """Make room on the device, run one stage with ComfyUI's progress bar and interrupt, tidy up."""
-    comfy_bridge.free_memory(_bytes(pipe.transformer) + _bytes(pipe.vae) + 2 * 1024**3)
+def _run_stage(settings: SamplerSettings, fn):
+    """Run one stage with ComfyUI's progress bar and interrupt (ComfyUI loads the models it needs inside
+    the stage: `native_flux.ComfyMemory`), tidy up."""
     progress = comfy_bridge.StepProgress(settings.steps)
     try:
         return fn(progress).float().cpu().clamp(0, 1)
@@ -311,6 +246,7 @@ class GenRefocusDeblurNet:
         return {
             "required": {
                 "genrefocus_model": (MODEL, tip("From Load GenRefocus (with deblur_lora or pre_deblur_lora).")),
+                "vae": ("VAE", tip("FLUX's autoencoder (ae.safetensors) from Load VAE.")),
                 "image": ("IMAGE", tip("Photo(s) to make all-in-focus; any size (padded to multiples of 16 and "
                                        "cropped back).")),
                 "variant": (list(DEBLUR_VARIANTS), tip("auto: the pre-deblur variant when pre_deblurred is "
@@ -330,12 +266,13 @@ class GenRefocusDeblurNet:
     FUNCTION = "deblur"
     CATEGORY = CATEGORY
 
-    def deblur(self, genrefocus_model, image, variant, pre_deblurred=None, sampler=None):
-        pipe = _model(genrefocus_model)
-        _require_adapter(pipe, deblur_adapter(variant, pipe.adapters, pre_deblurred is not None), "DeblurNet")
+    def deblur(self, genrefocus_model, vae, image, variant, pre_deblurred=None, sampler=None):
+        model = _model(genrefocus_model)
+        _require_adapter(model, deblur_adapter(variant, model.adapters, pre_deblurred is not None), "DeblurNet")
+        pipe = model.pipeline(vae)
         settings = _settings(sampler, DEBLUR.seed)
         images = to_image_batch(image, "image")
-        return (_run_stage(pipe, settings, lambda cb: pipe.deblur(images, pre_deblurred=pre_deblurred,
+        return (_run_stage(settings, lambda cb: pipe.deblur(images, pre_deblurred=pre_deblurred,
                                                                   settings=settings, callback=cb, variant=variant)),)
 
 
@@ -348,6 +285,7 @@ class GenRefocusBokehNet:
         return {
             "required": {
                 "genrefocus_model": (MODEL, tip("From Load GenRefocus (with bokeh_lora).")),
+                "vae": ("VAE", tip("FLUX's autoencoder (ae.safetensors) from Load VAE.")),
                 "image": ("IMAGE", tip("All-in-focus image (DeblurNet's output, or any sharp image).")),
                 "defocus": (DEFOCUS, tip("From Defocus Map, computed on the depth of this image (same size).")),
             },
@@ -365,16 +303,17 @@ class GenRefocusBokehNet:
     FUNCTION = "refocus"
     CATEGORY = CATEGORY
 
-    def refocus(self, genrefocus_model, image, defocus, aperture=None, sampler=None):
-        pipe = _model(genrefocus_model)
-        _require_adapter(pipe, BOKEH_ADAPTER.name, "BokehNet")
+    def refocus(self, genrefocus_model, vae, image, defocus, aperture=None, sampler=None):
+        model = _model(genrefocus_model)
+        _require_adapter(model, BOKEH_ADAPTER.name, "BokehNet")
         if aperture is not None:
-            _require_adapter(pipe, APERTURE_ADAPTER.name, "BokehNet with an aperture shape")
+            _require_adapter(model, APERTURE_ADAPTER.name, "BokehNet with an aperture shape")
+        pipe = model.pipeline(vae)
         if not isinstance(defocus, Defocus):
             raise InputError("BokehNet: 'defocus' must come from the Defocus Map node.")
         settings = _settings(sampler, BOKEH.seed)
         images, coc = broadcast_batches((to_image_batch(image, "image"), "image"), (defocus.signed_coc, "defocus"))
-        return (_run_stage(pipe, settings, lambda cb: pipe.bokeh(images, coc.abs(), aperture=aperture,
+        return (_run_stage(settings, lambda cb: pipe.bokeh(images, coc.abs(), aperture=aperture,
                                                                  settings=settings, callback=cb)),)
 
 
@@ -385,7 +324,7 @@ NODE_CLASS_MAPPINGS = {
     "GenRefocusBokehNet": GenRefocusBokehNet,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
-    "GenRefocusLoadModel": "Load GenRefocus (FLUX + LoRAs)",
+    "GenRefocusLoadModel": "Load GenRefocus (LoRAs on a FLUX MODEL)",
     "GenRefocusTiledSampler": "Tiled Sampler (GenRefocus)",
     "GenRefocusDeblurNet": "DeblurNet (GenRefocus)",
     "GenRefocusBokehNet": "FLUX BokehNet (GenRefocus)",

@@ -23,8 +23,9 @@ from genrefocus_core.generative.multi_branch_forward import multi_branch_forward
 from genrefocus_core.generative.pipeline import GenRefocusPipeline
 from genrefocus_core.generative.prompt_embedding import PromptEmbedding
 from bfl_flux import build_tiny_bfl
-from test_parity import DEFAULT_LORA_FILE, KIND_ADAPTER, _case_names, check_recorded_trajectory, run_end_to_end
 from numerics import assert_fp32_close
+from parity_cases import (DEFAULT_LORA_FILE, KIND_ADAPTER, case_names, check_recorded_trajectory, run_end_to_end,
+                          uint8_error)
 from tiny_flux import FLUX_FORWARD_CHAIN, build_tiny
 
 
@@ -44,7 +45,7 @@ def both(tiny_dir, parity_dir):
     return transformer, BflLayout(bfl, slices), vae
 
 
-@pytest.mark.parametrize("case_name", _case_names())
+@pytest.mark.parametrize("case_name", case_names())
 def test_bfl_layout_parity(case_name, parity_dir, tiny_dir, both):
     """Every parity case on the BFL layout: recorded trajectory within 1e-4, end to end within 1/255."""
     case = {c["name"]: c for c in json.loads((parity_dir / "manifest.json").read_text())["cases"]}[case_name]
@@ -55,7 +56,7 @@ def test_bfl_layout_parity(case_name, parity_dir, tiny_dir, both):
                   for s in ("deblur", "bokeh")}
     pipe = GenRefocusPipeline(layout, vae, embeddings, device="cpu", dtype=torch.float32)
     out = run_end_to_end(pipe, case, z)
-    err = ((out[0].clamp(0, 1) * 255).round().int() - z["output_uint8"].int()).abs().max().item()
+    err = uint8_error(out, z)
     assert err <= 1, f"{case_name}: 8-bit output off by {err}/255"
 
 

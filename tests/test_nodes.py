@@ -519,9 +519,7 @@ def test_scene_clip_focus_pull_and_classical_bokeh(pack):
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("models")
-    for rel, src in {"diffusion_models/tiny-flux": tiny_dir / "pipeline" / "transformer",
-                     "vae/tiny-ae": tiny_dir / "pipeline" / "vae",
-                     "genrefocus/deblurNet.safetensors": tiny_dir / "deblurNet.safetensors",
+    for rel, src in {"genrefocus/deblurNet.safetensors": tiny_dir / "deblurNet.safetensors",
                      "genrefocus/bokehNet.safetensors": tiny_dir / "bokehNet.safetensors",
                      "genrefocus/prompt_embeds.safetensors": tiny_dir / "prompt_embeds.safetensors"}.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -529,40 +527,66 @@ def tiny_models(tmp_path_factory, tiny_dir):
     return root
 
 
-LOAD_ARGS = dict(flux_model="tiny-flux/diffusion_pytorch_model.safetensors",
-                 vae_name="tiny-ae/diffusion_pytorch_model.safetensors", deblur_lora="deblurNet.safetensors",
-                 bokeh_lora="bokehNet.safetensors", pre_deblur_lora="none", aperture_lora="none",
-                 prompt_embeddings="prompt_embeds.safetensors", memory_mode="auto")
+class FakeComfyModel:
+    """ComfyUI's MODEL as the nodes use it (a ModelPatcher's model.diffusion_model, latent format, dtypes,
+    devices, clone) around the tiny FLUX in BFL's layout (tests/bfl_flux.py)."""
+
+    def __init__(self, diffusion_model):
+        from types import SimpleNamespace
+        self.model = SimpleNamespace(diffusion_model=diffusion_model, manual_cast_dtype=None,
+                                     get_dtype=lambda: torch.float32,
+                                     latent_format=SimpleNamespace(shift_factor=0.1159, scale_factor=0.3611))
+        self.load_device = self.offload_device = torch.device("cpu")
+
+    def clone(self):
+        import copy
+        return copy.copy(self)
 
 
-def test_generative_nodes_tiny(pack, tiny_models, monkeypatch, tmp_path):
-    from genrefocus_core.basics.errors import InputError, MissingModelFileError
+class FakeComfyVae:
+    """ComfyUI's VAE as the nodes use it (first_stage_model's encoder, vae_dtype, decode to [B,H,W,3])
+    around the tiny diffusers autoencoder."""
+
+    def __init__(self, vae):
+        self.first_stage_model, self.vae_dtype, self.latent_channels = vae, torch.float32, 16
+
+    def decode(self, z):
+        image = self.first_stage_model.decode(z, return_dict=False)[0]
+        return ((image + 1.0) / 2.0).clamp(0, 1).movedim(1, -1)
+
+
+@pytest.fixture(scope="module")
+def comfy_models(tiny_dir):
+    from bfl_flux import build_tiny_bfl
+    from tiny_flux import build_tiny
+    return FakeComfyModel(build_tiny_bfl(tiny_dir)), FakeComfyVae(build_tiny(tiny_dir)[1])
+
+
+LOAD_ARGS = dict(deblur_lora="deblurNet.safetensors", bokeh_lora="bokehNet.safetensors", pre_deblur_lora="none",
+                 aperture_lora="none", prompt_embeddings="prompt_embeds.safetensors")
+
+
+def test_generative_nodes_tiny(pack, tiny_models, comfy_models, monkeypatch, tmp_path):
+    from genrefocus_core.basics.errors import InputError
     monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(tiny_models))
     monkeypatch.setenv("GENREFOCUS_CACHE_DIR", str(tmp_path / "empty-cache"))
+    flux, vae = comfy_models
     gen = sub(pack, "generative_nodes")
     loader = gen.GenRefocusLoadModel
     req = loader.INPUT_TYPES()["required"]
-    assert req["flux_model"][0] == ["tiny-flux/diffusion_pytorch_model.safetensors"]
+    assert req["model"][0] == "MODEL"
     assert req["deblur_lora"][0][0] == "none" and "bokehNet.safetensors" in req["bokeh_lora"][0]
-    (model,) = loader().load(**LOAD_ARGS)
-    assert model.memory_mode == "fp32" and set(model.pipeline.adapters) == {"deblurring", "bokeh"}
-    (again,) = loader().load(**LOAD_ARGS)
-    assert again is model  # cached between runs
-    (fewer,) = loader().load(**{**LOAD_ARGS, "deblur_lora": "none"})
-    assert fewer is model and model.pipeline.adapters == ["bokeh"]  # adapters swapped, FLUX kept
+    (model,) = loader().load(flux, **LOAD_ARGS)
+    assert set(model.adapters) == {"deblurring", "bokeh"} and model.dtype == torch.float32
+    (again,) = loader().load(flux, **LOAD_ARGS)
+    assert again.slices is model.slices  # the adapters stay with the MODEL between runs
+    (fewer,) = loader().load(flux, **{**LOAD_ARGS, "deblur_lora": "none"})
+    assert fewer.adapters == ["bokeh"]  # adapters swapped, FLUX untouched
     with pytest.raises(InputError, match="deblurNet.safetensors as 'deblur_lora'"):
-        gen.GenRefocusDeblurNet().deblur(fewer, torch.rand(1, 16, 16, 3), "auto")
+        gen.GenRefocusDeblurNet().deblur(fewer, vae, torch.rand(1, 16, 16, 3), "auto")
     with pytest.raises(InputError, match="aperture_lora"):
-        gen.GenRefocusBokehNet().refocus(fewer, torch.rand(1, 16, 16, 3), None, aperture=object())
-    (model,) = loader().load(**LOAD_ARGS)
-    # the cache holds the model only while something (ComfyUI's output cache) does
-    import gc
-    import weakref
-    gone = weakref.ref(model.pipeline.transformer)
-    del model, again, fewer
-    gc.collect()
-    assert gone() is None
-    (model,) = loader().load(**LOAD_ARGS)
+        gen.GenRefocusBokehNet().refocus(fewer, vae, torch.rand(1, 16, 16, 3), None, aperture=object())
+    (model,) = loader().load(flux, **LOAD_ARGS)
     (sampler,) = gen.GenRefocusTiledSampler().make(2, 7, "off", 512, 64, 1, 0.0)
     assert sampler.steps == 2 and sampler.seed == 7 and sampler.tiled is False and sampler.guidance is None
     (tiles,) = gen.GenRefocusTiledSampler().make(2, 7, "on", 64, 16, 2, 2.5)
@@ -578,41 +602,42 @@ def test_generative_nodes_tiny(pack, tiny_models, monkeypatch, tmp_path):
             super().__call__(step, total, latents)
     monkeypatch.setattr(sub(pack, "comfy_bridge"), "StepProgress", Recorder)
     image = torch.rand(2, 72, 88, 3)
-    (aif,) = gen.GenRefocusDeblurNet().deblur(model, image, "auto", sampler=sampler)
+    (aif,) = gen.GenRefocusDeblurNet().deblur(model, vae, image, "auto", sampler=sampler)
     assert aif.shape == (2, 72, 88, 3) and torch.isfinite(aif).all()
     assert calls[:2] == [(1, 2), (2, 2)]
     small = image[:1, :32, :32]
-    first = gen.GenRefocusDeblurNet().deblur(model, small, "auto", sampler=sampler)[0]
-    assert torch.equal(first, gen.GenRefocusDeblurNet().deblur(model, small, "auto", sampler=sampler)[0])  # fixed seed
+    first = gen.GenRefocusDeblurNet().deblur(model, vae, small, "auto", sampler=sampler)[0]
+    assert torch.equal(first, gen.GenRefocusDeblurNet().deblur(model, vae, small, "auto", sampler=sampler)[0])
     depth = sub(pack, "common").DepthMaps(disparity=torch.linspace(0.1, 1, 88).expand(1, 72, 88).clone(),
                                           metric=True)
     defocus = _node(pack, "GenRefocusDefocusMap").build(depth, **DEFAULTS)["result"][0]
-    (out,) = gen.GenRefocusBokehNet().refocus(model, aif, defocus, sampler=tiles)
+    (out,) = gen.GenRefocusBokehNet().refocus(model, vae, aif, defocus, sampler=tiles)
     assert out.shape == (2, 72, 88, 3) and (out - aif).abs().mean() > 1e-3
     zero = _node(pack, "GenRefocusDefocusMap").build(depth, **{**DEFAULTS, "K": 0.0})["result"][0]
-    (same,) = gen.GenRefocusBokehNet().refocus(model, aif, zero)
+    (same,) = gen.GenRefocusBokehNet().refocus(model, vae, aif, zero)
     assert torch.equal(same, aif)
     with pytest.raises(InputError, match="Load GenRefocus"):
-        gen.GenRefocusDeblurNet().deblur(object(), image, "auto")
+        gen.GenRefocusDeblurNet().deblur(object(), vae, image, "auto")
+    with pytest.raises(InputError, match="FLUX's autoencoder"):
+        gen.GenRefocusDeblurNet().deblur(model, object(), image, "auto")
+    with pytest.raises(InputError, match="MODEL"):
+        loader().load(object(), **LOAD_ARGS)
     with pytest.raises(InputError, match="prompt"):
-        loader().load(**{**LOAD_ARGS, "prompt_embeddings": "none"})
+        loader().load(flux, **{**LOAD_ARGS, "prompt_embeddings": "none"})
     with pytest.raises(InputError, match="at least one LoRA"):
-        loader().load(**{**LOAD_ARGS, "deblur_lora": "none", "bokeh_lora": "none"})
-    with pytest.raises(MissingModelFileError) as e:
-        loader().load(**{**LOAD_ARGS, "vae_name": "ae.safetensors"})
-    assert "ae.safetensors" in str(e.value) and "vae" in str(e.value)
+        loader().load(flux, **{**LOAD_ARGS, "deblur_lora": "none", "bokeh_lora": "none"})
 
 
-def test_loader_adapter_cache_after_a_failed_switch_and_on_a_hit(pack, tiny_models, monkeypatch, tmp_path):
-    """Review bugs: switching a LoRA to a corrupt file and back left BokehNet without its adapter (the
-    cache recorded the old file as loaded after unloading it); a cache hit skipped the aperture-needs-bokeh
-    rule."""
+def test_loader_adapter_cache_after_a_failed_switch_and_on_a_hit(pack, tiny_models, comfy_models, monkeypatch,
+                                                                 tmp_path):
+    """Review bugs: switching a LoRA to a corrupt file and back left BokehNet without its adapter;
+    a cache hit skipped the aperture-needs-bokeh rule."""
     from safetensors.torch import load_file, save_file
 
     from genrefocus_core.basics.errors import InputError, ModelFileError
     root = tmp_path / "models"
-    for rel in ("diffusion_models/tiny-flux", "vae/tiny-ae", "genrefocus/bokehNet.safetensors",
-                "genrefocus/deblurNet.safetensors", "genrefocus/prompt_embeds.safetensors"):
+    for rel in ("genrefocus/bokehNet.safetensors", "genrefocus/deblurNet.safetensors",
+                "genrefocus/prompt_embeds.safetensors"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(tiny_models / rel)
     (root / "genrefocus/corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
@@ -620,24 +645,24 @@ def test_loader_adapter_cache_after_a_failed_switch_and_on_a_hit(pack, tiny_mode
     save_file({k: v * 0.5 for k, v in bokeh_sd.items()}, str(root / "genrefocus/aperture.safetensors"))
     monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(root))
     monkeypatch.setenv("GENREFOCUS_CACHE_DIR", str(tmp_path / "empty-cache"))
+    flux, vae = comfy_models
     gen = sub(pack, "generative_nodes")
     loader = gen.GenRefocusLoadModel
-    (model,) = loader().load(**LOAD_ARGS)
+    (model,) = loader().load(flux, **LOAD_ARGS)
     with pytest.raises(ModelFileError, match="corrupt.safetensors"):
-        loader().load(**{**LOAD_ARGS, "bokeh_lora": "corrupt.safetensors"})
-    (back,) = loader().load(**LOAD_ARGS)
-    assert back is model and set(back.pipeline.adapters) == {"deblurring", "bokeh"}
+        loader().load(flux, **{**LOAD_ARGS, "bokeh_lora": "corrupt.safetensors"})
+    (back,) = loader().load(flux, **LOAD_ARGS)
+    assert set(back.adapters) == {"deblurring", "bokeh"}
     depth = sub(pack, "common").DepthMaps(disparity=torch.linspace(0.1, 1, 16).expand(1, 16, 16).clone(),
                                           metric=True)
     defocus = _node(pack, "GenRefocusDefocusMap").build(depth, **DEFAULTS)["result"][0]
     (sampler,) = gen.GenRefocusTiledSampler().make(1, 7, "off", 512, 64, 1, 0.0)
-    (out,) = gen.GenRefocusBokehNet().refocus(back, torch.rand(1, 16, 16, 3), defocus, sampler=sampler)
+    (out,) = gen.GenRefocusBokehNet().refocus(back, vae, torch.rand(1, 16, 16, 3), defocus, sampler=sampler)
     assert out.shape == (1, 16, 16, 3)
-    # a hit on the same FLUX/VAE must still refuse the aperture LoRA without BokehNet's
     with pytest.raises(InputError, match="bokeh_lora"):
-        loader().load(**{**LOAD_ARGS, "bokeh_lora": "none", "aperture_lora": "aperture.safetensors"})
-    (both,) = loader().load(**{**LOAD_ARGS, "aperture_lora": "aperture.safetensors"})
-    assert both is model and set(both.pipeline.adapters) == {"deblurring", "bokeh", "aperture"}
+        loader().load(flux, **{**LOAD_ARGS, "bokeh_lora": "none", "aperture_lora": "aperture.safetensors"})
+    (both,) = loader().load(flux, **{**LOAD_ARGS, "aperture_lora": "aperture.safetensors"})
+    assert set(both.adapters) == {"deblurring", "bokeh", "aperture"}
 
 
 class FakeComfyClip:
@@ -670,7 +695,7 @@ def test_encode_with_comfy_clip(pack):
         gen.encode_with_comfy_clip(FakeComfyClip(flux=False), "x")
 
 
-def test_loader_with_clip_then_from_the_prompt_cache(pack, tiny_models, tmp_path, monkeypatch):
+def test_loader_with_clip_then_from_the_prompt_cache(pack, tiny_models, comfy_models, tmp_path, monkeypatch):
     """Encode with the connected CLIP once; the next load without CLIP and without a file uses the cache."""
     from genrefocus_core.basics.errors import InputError
     monkeypatch.setenv("GENREFOCUS_MODELS_DIR", str(tiny_models))
@@ -678,15 +703,15 @@ def test_loader_with_clip_then_from_the_prompt_cache(pack, tiny_models, tmp_path
     gen = sub(pack, "generative_nodes")
     no_file = {**LOAD_ARGS, "prompt_embeddings": "none"}
     with pytest.raises(InputError, match="DualCLIPLoader"):
-        gen.GenRefocusLoadModel().load(**no_file)
+        gen.GenRefocusLoadModel().load(comfy_models[0], **no_file)
     clip = FakeComfyClip()
-    (model,) = gen.GenRefocusLoadModel().load(**no_file, clip=clip)
+    (model,) = gen.GenRefocusLoadModel().load(comfy_models[0], **no_file, clip=clip)
     assert clip.options == {"t5xxl_min_length": 512}
-    encoded = model.pipeline.prompt_embeddings
+    encoded = model.embeddings
     assert set(encoded) == {"deblur", "bokeh"} and encoded["bokeh"].prompt_embeds.shape == (1, 512, 32)
-    (again,) = gen.GenRefocusLoadModel().load(**no_file)
+    (again,) = gen.GenRefocusLoadModel().load(comfy_models[0], **no_file)
     for stage in ("deblur", "bokeh"):
-        assert torch.equal(again.pipeline.prompt_embeddings[stage].prompt_embeds, encoded[stage].prompt_embeds)
+        assert torch.equal(again.embeddings[stage].prompt_embeds, encoded[stage].prompt_embeds)
 
 
 def test_node_and_cli_agree_on_lens_controls(pack, tmp_path):

@@ -33,7 +33,7 @@ RUN_TIMEOUT = float(os.environ.get("COMFY_RUN_TIMEOUT", "600"))
 INPUT_SIZE = (120, 168)  # H, W of input/example.png: not multiples of 16, so padding and the crop back run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from native_flux_setup import install_native_flux  # noqa: E402
+from native_flux_setup import NATIVE_FILES, install_native_flux, widget_name  # noqa: E402
 from ui_to_api import convert  # noqa: E402
 
 
@@ -136,6 +136,8 @@ class ComfyServer:
                         node["inputs"][name_] = value
                 if node["class_type"] == "GenRefocusLoadModel":
                     node["inputs"].pop("clip", None)
+                if node["class_type"] == "CLIPTextEncode":  # the tiny text encoders cannot load in ComfyUI
+                    api[nid] = {"class_type": "TinyFluxPromptConditioning", "inputs": {"stage": "deblur"}}
             api = {k: v for k, v in api.items() if v["class_type"] != "DualCLIPLoader"}
         return api
 
@@ -221,8 +223,8 @@ class WebSocketMessages:
 
 # Shipped workflows name the real files; the tests run them on the shared tiny weights under these names.
 TINY_NAMES = {
-    ("GenRefocusLoadModel", "flux_model"): "genrefocus-tiny-flux/diffusion_pytorch_model.safetensors",
-    ("GenRefocusLoadModel", "vae_name"): "genrefocus-tiny-ae/diffusion_pytorch_model.safetensors",
+    ("UNETLoader", "unet_name"): widget_name(NATIVE_FILES["unet"]),
+    ("VAELoader", "vae_name"): widget_name(NATIVE_FILES["vae"]),
     ("GenRefocusLoadModel", "prompt_embeddings"): "prompt_embeds.safetensors",
     ("GenRefocusLoadDepthPro", "model_name"): "depth-pro-tiny/model.safetensors",
 }
@@ -237,12 +239,9 @@ def _place_models(models: Path, tiny: Path, depth_pro_builder) -> None:
     (config.json beside the weights) for FLUX and its VAE, LoRAs and prompt embeddings in genrefocus/,
     a tiny Depth Pro in the Hugging Face layout, and a LoRA posing as a FLUX file (wrong family)."""
     links = {
-        "diffusion_models/genrefocus-tiny-flux": tiny / "pipeline" / "transformer",
-        "vae/genrefocus-tiny-ae": tiny / "pipeline" / "vae",
         "genrefocus/deblurNet.safetensors": tiny / "deblurNet.safetensors",
         "genrefocus/bokehNet.safetensors": tiny / "bokehNet.safetensors",
         "genrefocus/prompt_embeds.safetensors": tiny / "prompt_embeds.safetensors",
-        "diffusion_models/not-flux-a-lora.safetensors": tiny / "bokehNet.safetensors",
     }
     for rel, src in links.items():
         dest = models / rel

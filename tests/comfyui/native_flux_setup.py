@@ -17,6 +17,7 @@ GGUF_DIR_ENV = "COMFYUI_GGUF_DIR"
 GGUF_PACK_NAME = "ComfyUI-GGUF"
 SUPPORT_NODE = Path(__file__).resolve().parent / "tiny_flux_support"
 SUPPORT_NODE_NAME = "genrefocus-test-tiny-flux"
+PARITY_NODE = Path(__file__).resolve().parent / "native_parity_node"  # test-only: parity cases in the server
 GGUF_TESTED_QTYPES = ("Q8_0", "Q4_0")
 
 # models/<folder>/<name>: the ComfyUI loaders' widget values
@@ -51,6 +52,7 @@ def gguf_missing_reason() -> str | None:
 def install_native_flux(base: Path, tiny_dir: Path) -> dict:
     models = base / "models"
     os.symlink(SUPPORT_NODE, base / "custom_nodes" / SUPPORT_NODE_NAME)
+    os.symlink(PARITY_NODE, base / "custom_nodes" / "genrefocus-test-native-parity")
     flux_files.write_bfl_transformer(tiny_dir, models / NATIVE_FILES["unet"])
     flux_files.write_checkpoint(tiny_dir, models / NATIVE_FILES["checkpoint"])
     flux_files.write_ldm_vae(tiny_dir, models / NATIVE_FILES["vae"])
