@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from genrefocus_core.generative.flux_loading import bfl_state_dict
+from flux_files import tiny_bfl_transformer
 
 
 class RMSNorm(nn.Module):
@@ -117,13 +116,8 @@ class BflFlux(nn.Module):
         self.final_layer = LastLayer(dim, config.get("out_channels") or channels)
 
 
-def tiny_bfl_state_dict(tiny_dir: Path) -> dict:
-    config = json.loads((Path(tiny_dir) / "configs.json").read_text())["transformer"]
-    return bfl_state_dict(load_file(str(Path(tiny_dir) / "transformer.safetensors")), config)
-
-
 def build_tiny_bfl(tiny_dir: Path) -> BflFlux:
     config = json.loads((Path(tiny_dir) / "configs.json").read_text())["transformer"]
     model = BflFlux(config)
-    model.load_state_dict(tiny_bfl_state_dict(tiny_dir), strict=True)
+    model.load_state_dict(tiny_bfl_transformer(tiny_dir), strict=True)
     return model.eval().requires_grad_(False)

@@ -268,29 +268,6 @@ def convert_bfl_transformer(tensors: dict, config: dict, scales: dict | None = N
     return out, out_scales
 
 
-def bfl_state_dict(tensors: dict, config: dict) -> dict:
-    """The inverse of `convert_bfl_transformer`: diffusers-layout tensors -> BFL-layout tensors (the
-    layout of `flux1-dev.safetensors` and of ComfyUI's FLUX), fusing q|k|v and q|k|v|mlp-in and swapping
-    the final AdaLN halves back. For test and benchmark models written as BFL single files."""
-    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    plan = bfl_transformer_key_plan(int(config["num_layers"]), int(config["num_single_layers"]), inner,
-                                    int(inner * 4.0), bool(config.get("guidance_embeds", True)))
-    plan.pop("_split_sizes")
-    parts: dict[str, dict[int, torch.Tensor]] = {}
-    out = {}
-    for dst, (src, op) in plan.items():
-        t = tensors[dst]
-        if op is None:
-            out[src] = t
-        elif op == "swap":
-            out[src] = torch.cat(t.chunk(2, dim=0)[::-1], dim=0)
-        else:
-            parts.setdefault(src, {})[op[1]] = t
-    for src, pieces in parts.items():
-        out[src] = torch.cat([pieces[j] for j in sorted(pieces)], dim=0)
-    return out
-
-
 def _is_fp8_storable(name: str) -> bool:
     """Linear weights inside the transformer blocks (>99 % of FLUX's parameters) may stay in fp8."""
     return name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and name.endswith(".weight") \
