@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from genrefocus_core import lora  # noqa: E402
+from genrefocus_core.generative import lora  # noqa: E402
 from genrefocus_core.generative import flux_layouts  # noqa: E402
 from genrefocus_core.generative import multi_branch_forward as mbf  # noqa: E402
 from genrefocus_core.generative.condition_tokens import position_ids  # noqa: E402

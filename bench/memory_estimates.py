@@ -18,6 +18,14 @@ through SDPA kernels that never materialise the score matrix (CPU flash / CUDA m
 the factor does not grow with the sequence length. The VAE's activation factor (bytes per output pixel)
 is measured the same way on the real FLUX VAE architecture at 256 px and scaled with the pixel count.
 A fixed 0.6 GiB is added per stage for the CUDA context and allocator slack.
+
+In ComfyUI the stages run on ComfyUI's own FLUX MODEL (`comfyui_estimate`): weights in the storage of the
+file a user loads (bf16, fp8 e4m3fn, GGUF Q8_0 = 34 bytes per 32 weights, Q4_0 = 18 bytes per 32), the
+LoRA adapters in bf16 beside them, layers cast to bf16 one at a time by ComfyUI's ops (one copy of the
+largest layer), ComfyUI's reserve (0.4 GiB) and the same activations. Two figures per storage: all weights
+resident, and the floor with ComfyUI's partial loading (--lowvram / a smaller card: the weights that do not
+fit stay in RAM and are streamed per layer, so the GPU holds activations, adapters, one cast layer and
+whatever weights fit).
 """
 from __future__ import annotations
 
@@ -43,6 +51,10 @@ CUDA_OVERHEAD_GIB = 0.6
 RECORDED = {"transformer_factor_deblur": 14.4, "transformer_factor_bokeh": 14.6, "vae_bytes_per_pixel_bf16": 1536.0}
 DEPTH_PRO_ACTIVATIONS_GIB = 1.5  # assumed (not measured): ViT-L patch batches at 1536 px in fp16
 CARDS = {"24 GB card": 24.0, "16 GB card": 16.0}
+# bytes per FLUX parameter in the files ComfyUI users load (GGUF: blocks of 32 weights + an fp16 scale)
+COMFY_STORAGE = {"bf16 (UNETLoader default)": 2.0, "fp8_e4m3fn (UNETLoader)": 1.0,
+                 "GGUF Q8_0 (UnetLoaderGGUF)": 34 / 32, "GGUF Q4_0 (UnetLoaderGGUF)": 18 / 32}
+COMFY_RESERVE_GIB = 0.4  # comfy.model_management.EXTRA_RESERVED_VRAM
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +242,30 @@ def estimate(size: int, tile_batch: int, factors: dict, untiled: bool = False) -
             "fp8_params": fp8_params, "bf16_params": bf16_params}
 
 
+def comfyui_estimate(result: dict) -> dict:
+    """{storage: {stage: (all resident GiB, partial-loading floor GiB)}} for ComfyUI's own FLUX MODEL."""
+    _, _, largest_linear = flux_fp8_split()
+    cast = largest_linear * 2  # one layer upcast to bf16 at a time (not needed for bf16 storage)
+    out = {}
+    for storage, per_param in COMFY_STORAGE.items():
+        stages = {}
+        for stage, s in result["per_stage"].items():
+            floor = s["act"] + s["lora"] + (cast if per_param != 2.0 else 0) + (CUDA_OVERHEAD_GIB + COMFY_RESERVE_GIB) * GIB
+            stages[stage] = ((floor + PARAMS["flux"] * per_param) / GIB, floor / GIB)
+        out[storage] = stages
+    return out
+
+
+def print_comfyui(result: dict):
+    print("\nIn ComfyUI, on its own FLUX MODEL (GiB; all weights resident / floor with ComfyUI's partial loading)")
+    print(f"  {'storage':30s} {'deblur':>15s} {'bokeh':>15s}  fits")
+    for storage, stages in comfyui_estimate(result).items():
+        worst = max(v[0] for v in stages.values())
+        fits = ", ".join(f"{card}: {'resident' if worst <= gib else 'partial'}" for card, gib in CARDS.items())
+        print(f"  {storage:30s} " + " ".join(f"{stages[s][0]:6.2f} / {stages[s][1]:5.2f}" for s in ("deblur", "bokeh"))
+              + f"  {fits}")
+
+
 def print_tables(result: dict, size: int, tile_batch: int, factors: dict):
     print(f"\nPeak GPU memory at {size}x{size}, {'tiled 32x32-token tiles' if result['tiled'] else 'untiled'}"
           f"{f', {tile_batch} tiles per forward' if result['tiled'] and tile_batch > 1 else ''} "
@@ -277,7 +313,9 @@ def main(argv=None) -> int:
         factors["vae_bytes_per_pixel_bf16"] = measure_vae_bytes_per_pixel()
         print(f"measured VAE activations {factors['vae_bytes_per_pixel_bf16']:.0f} B/pixel in bf16 "
               f"({time.perf_counter() - t0:.1f} s)")
-    print_tables(estimate(args.size, args.tile_batch, factors, args.untiled), args.size, args.tile_batch, factors)
+    result = estimate(args.size, args.tile_batch, factors, args.untiled)
+    print_tables(result, args.size, args.tile_batch, factors)
+    print_comfyui(result)
     return 0
 
 

@@ -4,14 +4,30 @@ loader) and a ComfyUI VAE. It runs tests/parity_cases.py: (a) the sampler from t
 and condition tokens on the MODEL's diffusion model (after ComfyUI's load_models_gpu, as the stages do),
 every step within 1e-4; (b) the stage end to end through the same pipeline DeblurNet/BokehNet build, the
 8-bit output within 1/255. The figures go to a JSON file; a failed check fails the node with its message.
+It also logs every model file ComfyUI reads through comfy.utils.load_torch_file ("genrefocus-test: read
+<path>"), so tests can count how often a graph reads FLUX.
 """
 import json
 import sys
 from pathlib import Path
 
+import logging
+
+import comfy.utils
+
 TESTS = Path(__file__).resolve().parents[2]
 if str(TESTS) not in sys.path:
     sys.path.append(str(TESTS))
+
+_load_torch_file = comfy.utils.load_torch_file
+
+
+def load_torch_file(ckpt, *args, **kwargs):
+    logging.info("genrefocus-test: read %s", ckpt)
+    return _load_torch_file(ckpt, *args, **kwargs)
+
+
+comfy.utils.load_torch_file = load_torch_file
 
 
 class GenRefocusTestNativeParity:
