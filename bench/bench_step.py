@@ -164,11 +164,11 @@ def emulated_lora_linear(module, x, segments):
     return y
 
 
-def emulated_branch_attention(q, k, v, main_len, n):
-    """One dense attention over the whole sequence with the reference's group mask."""
+def emulated_branch_attention(q, k, v, main_len, n, attention=None):
+    """One dense attention over the whole sequence with the reference's group mask -> [N, S, H*D]."""
     S = q.shape[2]
     if n <= 1:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3)
     Lc = (S - main_len) // n
     mask = torch.zeros(S, S, dtype=torch.bool, device=q.device)
     mask[:main_len] = True
@@ -176,7 +176,7 @@ def emulated_branch_attention(q, k, v, main_len, n):
     for i in range(n):
         s = main_len + i * Lc
         mask[s:s + Lc, s:s + Lc] = True
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2, 3)
 
 
 @contextlib.contextmanager

@@ -258,3 +258,14 @@ def model_patcher_type():
     """ComfyUI's ModelPatcher class (to hand extra weights to its memory manager), or None outside ComfyUI."""
     module = _optional("comfy.model_patcher")
     return getattr(module, "ModelPatcher", None) if module is not None else None
+
+
+def attention_function(device):
+    """ComfyUI's attention (its choice of sage, flash, xformers or PyTorch attention, per its flags) as
+    f(q, k, v) [N, H, S, D] -> [N, S, H*D], for GPUs; None on the CPU or outside ComfyUI (the core then uses
+    torch's SDPA, which on the CPU is faster than ComfyUI's CPU fallbacks)."""
+    import torch
+    module = _optional("comfy.ldm.modules.attention")
+    if module is None or torch.device(device).type == "cpu":
+        return None
+    return lambda q, k, v: module.optimized_attention(q, k, v, q.shape[1], skip_reshape=True)

@@ -8,6 +8,7 @@
   to the MODEL clone, so ComfyUI loads them to the model's device, counts them and frees them.
 - Before a stage runs, `comfy.model_management.load_models_gpu` loads FLUX and the adapters with a
   memory estimate for the real sequence (text + image + every condition branch).
+- Attention runs through ComfyUI's optimized attention on GPUs (its sage/flash/xformers choice).
 - The VAE codec draws the posterior sample the reference uses (ComfyUI's own encode returns the mode),
   and decodes with ComfyUI's VAE.decode (its batching and out-of-memory fallback).
 Outside ComfyUI (unit tests) any objects with the same attributes work; memory management is skipped.
@@ -124,6 +125,9 @@ class NativeGenRefocus:
         self.model, self.slices, self.embeddings = model, slices, embeddings
         self.dtype = compute_dtype(model)
         self.layout = BflLayout(diffusion_model(model), slices)
+        attention = comfy_bridge.attention_function(model.load_device)
+        if attention is not None:
+            self.layout.attention = attention
 
     @property
     def adapters(self) -> list[str]:

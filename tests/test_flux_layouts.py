@@ -156,3 +156,28 @@ def test_use_lora_files_on_slices(tiny_dir, tmp_path):
     assert slices.adapters == ["bokeh"] and "deblurring" not in slices.files
     with pytest.raises(InputError, match="bokeh"):
         use_lora_files(slices, {"aperture": bokeh})
+
+
+def test_attention_hook(both):
+    """A layout's `attention` is what every branch's attention runs (ComfyUI's optimized attention on GPUs):
+    an explicit softmax(q k^T / sqrt(d)) v gives the SDPA result within fp32 rounding (different summation
+    order of one softmax and two small matmuls: ~1e-7 relative, far below 1e-5), and it is really called."""
+    _, layout, _ = both
+    latents, prompt, pooled, conds, text_ids, ids, cond_ids = _inputs(2)
+    calls = []
+
+    def explicit(q, k, v):
+        calls.append(q.shape)
+        w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return (w @ v).transpose(1, 2).flatten(2, 3)
+
+    outs = []
+    with torch.no_grad():
+        for attention in (layout.attention, explicit):
+            hooked = BflLayout(layout.model, layout.lora)
+            hooked.attention = attention
+            cst = prepare_constants(hooked, prompt, pooled, conds, [("bokeh",)] * 2, torch.float32).whole()
+            outs.append(multi_branch_forward(hooked, latents, torch.tensor([0.4, 0.9]), torch.tensor([1.0, 1.0]), cst,
+                                             rotary_embedding(hooked, text_ids, ids, cond_ids)))
+    assert len(calls) == 2 * len(layout.double_blocks) + 2 * (len(layout.single_blocks) - 1) + 1
+    assert (outs[0] - outs[1]).abs().max() < 1e-5

@@ -16,6 +16,8 @@ Both adapters only ever *call* the model's modules (never read their weights), s
 all apply unchanged.
 
 A `Segment` (start, stop, adapters) says which tokens along dim -2 get which LoRA adapters.
+Each adapter's `attention(q, k, v)` ([N, H, S, D] -> [N, S, H*D]) is torch's SDPA unless a front end sets
+another one (the ComfyUI nodes give ComfyUI's optimized attention on GPUs: its sage/flash/xformers choice).
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ import torch
 import torch.nn.functional as F
 
 Segment = tuple[int, int, tuple[str, ...]]
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of q, k, v [N, H, S, D] -> [N, S, H*D] with torch's SDPA (a layout's default)."""
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3)
 TIMESTEP_CHANNELS = 256  # FLUX's sinusoidal embedding width for timestep and guidance
 
 
@@ -90,6 +97,7 @@ class DiffusersLayout:
         self.head_dim = transformer.config.attention_head_dim
         self.has_guidance = bool(transformer.config.guidance_embeds)
         self.theta, self.axes_dim = transformer.pos_embed.theta, transformer.pos_embed.axes_dim
+        self.attention = sdpa
 
     def linear(self, module, x, segments):
         return lora_linear(module, x, segments)
@@ -186,6 +194,7 @@ class BflLayout:
         self.has_guidance = isinstance(guidance_in, torch.nn.Module) and not isinstance(guidance_in, torch.nn.Identity)
         self.theta, self.axes_dim = model.pe_embedder.theta, model.pe_embedder.axes_dim
         self._paths = {id(m): name for name, m in model.named_modules()}
+        self.attention = sdpa
 
     def linear(self, module, x, segments):
         y = module(x)

@@ -167,15 +167,16 @@ def rotary_embedding(transformer, text_ids: torch.Tensor, image_ids: torch.Tenso
     return rope_tables(torch.cat([text_ids, image_ids, *cond_ids], dim=0), layout.theta, layout.axes_dim)
 
 
-def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, main_len: int, n: int) -> torch.Tensor:
-    """q, k, v [N, H, S, D] with S = main_len + n*Lc -> [N, H, S, D].
+def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, main_len: int, n: int,
+                      attention) -> torch.Tensor:
+    """q, k, v [N, H, S, D] with S = main_len + n*Lc -> [N, S, H*D].
 
     Main tokens (text + image) attend to everything; condition i attends to main + itself."""
     if n <= 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return attention(q, k, v)
     N, H, S, D = q.shape
     Lc = (S - main_len) // n
-    out_main = F.scaled_dot_product_attention(q[:, :, :main_len], k, v)
+    out_main = attention(q[:, :, :main_len], k, v)
 
     def per_cond(x):  # [N, H, n*Lc, D] -> [N, n, H, Lc, D]
         return x[:, :, main_len:].unflatten(2, (n, Lc)).transpose(1, 2)
@@ -185,23 +186,21 @@ def _branch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, main_le
         return torch.cat([main, per_cond(x)], dim=3).flatten(0, 1)
 
     qc = per_cond(q).flatten(0, 1)
-    out_c = F.scaled_dot_product_attention(qc, with_main(k), with_main(v))  # [N*n, H, Lc, D]
-    out_c = out_c.unflatten(0, (N, n)).transpose(1, 2).flatten(2, 3)  # [N, H, n*Lc, D]
-    return torch.cat([out_main, out_c], dim=2)
+    out_c = attention(qc, with_main(k), with_main(v))  # [N*n, Lc, H*D]
+    return torch.cat([out_main, out_c.unflatten(0, (N, n)).flatten(1, 2)], dim=1)
 
 
 def _heads(layout, *xs):
     return tuple(x.unflatten(-1, (-1, layout.head_dim)) for x in xs)
 
 
-def _attend(q, k, v, rope, main_len: int, n: int) -> torch.Tensor:
+def _attend(layout, q, k, v, rope, main_len: int, n: int) -> torch.Tensor:
     """Rotary embedding, then multi-branch attention of q, k, v [N, S, H, D] -> [N, S, H*D]."""
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # [N, H, S, D] contiguous: CPU SDPA kernels run ~10% faster than on the transposed views
     q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    out = _branch_attention(q, k, v, main_len, n)
-    return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+    return _branch_attention(q, k, v, main_len, n, layout.attention).to(q.dtype)
 
 
 def _double_attention(layout, block, x, txt, segments, rope, main_len: int, n: int):
@@ -214,7 +213,7 @@ def _double_attention(layout, block, x, txt, segments, rope, main_len: int, n: i
     tq, tk = layout.double_qk_norm(block, "txt", tq, tk)
     T = txt.shape[1]
     q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
-    out = _attend(q, k, v, rope, main_len, n)
+    out = _attend(layout, q, k, v, rope, main_len, n)
     return out[:, T:], out[:, :T]
 
 
@@ -321,7 +320,7 @@ def _single_block(layout, block, main, cond, temb, cst: BranchConstants, groups,
     mlp = layout.single_mlp_act(block, mlp)
     q, k, v = _heads(layout, q, k, v)
     q, k = layout.single_qk_norm(block, q, k)
-    attn_out = _attend(q, k, v, rope, M, n)
+    attn_out = _attend(layout, q, k, v, rope, M, n)
     out = layout.single_out(block, torch.cat([attn_out, mlp], dim=2), segments)
     main = _clip_fp16(torch.addcmul(main, out[:, :M], gate))
     if n:
@@ -345,7 +344,7 @@ def _last_single_block(layout, block, main, cond, temb, cst: BranchConstants, gr
     k = apply_rope(k, cos, sin)
     q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     # image queries attend to every branch
-    attn_out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3).to(x.dtype)
+    attn_out = layout.attention(q, k, v).to(x.dtype)
     out = layout.single_out(block, torch.cat([attn_out, mlp], dim=2), [])
     return _clip_fp16(torch.addcmul(main[:, T:M], out, gate))
 
