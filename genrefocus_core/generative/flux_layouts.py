@@ -49,12 +49,18 @@ def rope_tables(ids: torch.Tensor, theta: float, axes_dim) -> tuple[torch.Tensor
     return torch.cat(cos_out, dim=-1), torch.cat(sin_out, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x [N, S, H, D] by the tables [S, D] (computed in float32)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x [N, S, H, D] by the tables [S, D] (computed in float32);
+    `out` (any strides, e.g. a slice of a [N, H, S, D] buffer seen as [N, S, H, D]) receives the result."""
     cos, sin = cos[None, :, None], sin[None, :, None]
     real, imag = x.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(3)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    if out is None:
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    if x.dtype == torch.float32 and out.dtype == torch.float32:  # the same two products and sum, written in place
+        torch.mul(x, cos, out=out)
+        return out.add_(rotated * sin)
+    return out.copy_(x.float() * cos + rotated.float() * sin)
 
 
 def timestep_features(t: torch.Tensor, channels: int = TIMESTEP_CHANNELS, max_period: float = 10000.0) -> torch.Tensor:

@@ -194,13 +194,23 @@ def _heads(layout, *xs):
     return tuple(x.unflatten(-1, (-1, layout.head_dim)) for x in xs)
 
 
-def _attend(layout, q, k, v, rope, main_len: int, n: int) -> torch.Tensor:
-    """Rotary embedding, then multi-branch attention of q, k, v [N, S, H, D] -> [N, S, H*D]."""
+def _attend(layout, parts, rope, main_len: int, n: int) -> torch.Tensor:
+    """Rotary embedding, then multi-branch attention -> [N, S, H*D]. `parts`: (q, k, v) [N, S_i, H, D] of
+    consecutive pieces of the sequence (text, then the rest), written straight into [N, H, S, D] buffers
+    (contiguous: CPU SDPA kernels run ~10% faster than on transposed views; no concatenation copies)."""
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    # [N, H, S, D] contiguous: CPU SDPA kernels run ~10% faster than on the transposed views
-    q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-    return _branch_attention(q, k, v, main_len, n, layout.attention).to(q.dtype)
+    first = parts[0][0]
+    N, _, H, D = first.shape
+    S = sum(q.shape[1] for q, _, _ in parts)
+    q_all, k_all, v_all = (first.new_empty(N, H, S, D) for _ in range(3))
+    start = 0
+    for q, k, v in parts:
+        stop = start + q.shape[1]
+        apply_rope(q, cos[start:stop], sin[start:stop], out=q_all[:, :, start:stop].transpose(1, 2))
+        apply_rope(k, cos[start:stop], sin[start:stop], out=k_all[:, :, start:stop].transpose(1, 2))
+        v_all[:, :, start:stop].transpose(1, 2).copy_(v)
+        start = stop
+    return _branch_attention(q_all, k_all, v_all, main_len, n, layout.attention).to(first.dtype)
 
 
 def _double_attention(layout, block, x, txt, segments, rope, main_len: int, n: int):
@@ -212,8 +222,7 @@ def _double_attention(layout, block, x, txt, segments, rope, main_len: int, n: i
     tq, tk, tv = _heads(layout, *layout.double_qkv(block, "txt", txt, []))
     tq, tk = layout.double_qk_norm(block, "txt", tq, tk)
     T = txt.shape[1]
-    q, k, v = torch.cat([tq, q], 1), torch.cat([tk, k], 1), torch.cat([tv, v], 1)
-    out = _attend(layout, q, k, v, rope, main_len, n)
+    out = _attend(layout, [(tq, tk, tv), (q, k, v)], rope, main_len, n)
     return out[:, T:], out[:, :T]
 
 
@@ -320,7 +329,7 @@ def _single_block(layout, block, main, cond, temb, cst: BranchConstants, groups,
     mlp = layout.single_mlp_act(block, mlp)
     q, k, v = _heads(layout, q, k, v)
     q, k = layout.single_qk_norm(block, q, k)
-    attn_out = _attend(layout, q, k, v, rope, M, n)
+    attn_out = _attend(layout, [(q, k, v)], rope, M, n)
     out = layout.single_out(block, torch.cat([attn_out, mlp], dim=2), segments)
     main = _clip_fp16(torch.addcmul(main, out[:, :M], gate))
     if n:

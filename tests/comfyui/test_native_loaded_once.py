@@ -44,6 +44,10 @@ def test_txt2img_refocus_loaded_once(tmp_path_factory, tiny_dir):
         # the text-to-image half alone, after ComfyUI's "free model and node cache"
         st, _ = server.request("POST", "/free", {"unload_models": True, "free_memory": True})
         assert st == 200
+        # ComfyUI's worker applies the flags after the next prompt it runs: a small one that needs no FLUX
+        scene = {"1": {"class_type": "GenRefocusScene", "inputs": {"width": 64, "height": 48, "seed": 1}},
+                 "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+        assert server.run(scene)["status"]["status_str"] == "success"
         half_types = {"UNETLoader", "VAELoader", "TinyFluxPromptConditioning", "FluxGuidance", "ConditioningZeroOut",
                       "EmptySD3LatentImage", "KSampler", "VAEDecode", "PreviewImage"}
         half = {k: v for k, v in api.items() if v["class_type"] in half_types}

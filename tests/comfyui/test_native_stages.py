@@ -21,7 +21,8 @@ from native_flux_setup import LOADER_KINDS, gguf_missing_reason, native_loader_n
 
 pytestmark = pytest.mark.comfyui
 
-BOUNDS = {"unet-fp8_e4m3fn": 24.0, "gguf-Q8_0": 6.0, "gguf-Q4_0": 40.0}  # mean |difference|, 8-bit levels
+# mean |difference| in 8-bit levels; measured (3 steps, tiny model): fp8 1.0-1.2, Q8_0 0.15-0.27, Q4_0 2.5-2.6
+BOUNDS = {"unet-fp8_e4m3fn": 5.0, "gguf-Q8_0": 1.5, "gguf-Q4_0": 10.0}
 _fp32: dict = {}
 
 
