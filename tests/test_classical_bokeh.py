@@ -349,3 +349,25 @@ def test_resampling_variance_matches_an_impulse_through_splat_and_interpolations
         mean = (w * x).sum() / w.sum()
         total += float((w * (x - mean) ** 2).sum() / w.sum())
     assert resampling_variance(scale) == pytest.approx(total / scale, rel=1e-9)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_levels_on_worker_threads_give_the_same_picture(monkeypatch, threads):
+    """On a busy machine the levels render on worker threads, each operation on one thread (torch's
+    thread count is restored after). Same levels, same operations: only the FFT's threading changes,
+    whose rounding differs by a few float32 ulps of values <= 1 (tolerance 1e-5, as in the batch test)."""
+    from genrefocus_core.classical import renderer
+
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(1, 90, 120, 3, generator=g)
+    defocus = (torch.rand(1, 90, 120, generator=g) - 0.5) * 70.0  # fine and coarse levels, both sides
+    before = torch.get_num_threads()
+    monkeypatch.setattr(renderer, "_machine_busy", lambda: False)
+    quiet = render_bokeh(img, defocus_px=defocus, aperture=apertures.polygon(6), threads=threads)
+    monkeypatch.setattr(renderer, "_machine_busy", lambda: True)
+    assert renderer._parallelism(threads, "cpu") == ((threads, 1) if threads > 1 else (1, 1))
+    busy = render_bokeh(img, defocus_px=defocus, aperture=apertures.polygon(6), threads=threads)
+    assert torch.get_num_threads() == before
+    assert float((quiet - busy).abs().max()) < 1e-5
+    with pytest.raises(InputError, match="threads"):
+        render_bokeh(img, defocus_px=defocus, threads=0)

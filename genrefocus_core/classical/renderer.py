@@ -29,8 +29,14 @@ Same torch code on CPU and CUDA; batched [B, H, W, 3].
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -184,20 +190,23 @@ COARSE_BATCH_BYTES = 96 * 2 ** 20
 _KERNEL_SPECTRA: dict = {}
 _DFT_TABLES: dict = {}
 _KERNEL_CACHE_BYTES = 64 * 2 ** 20  # spectra are cheap to remake (DFT products): keep RAM for the user
+_CACHE_LOCK = threading.Lock()  # levels render on worker threads (`_rendered`)
 
 
 def _dft_columns(n: int, p: int, device) -> torch.Tensor:
     """[n, 2p+1] complex64: exp(-2 pi i u d / n) for frequencies u and offsets d = -p..p (cached)."""
     key = (n, str(device))
-    table = _DFT_TABLES.get(key)
+    with _CACHE_LOCK:
+        table = _DFT_TABLES.get(key)
     if table is None or (table.shape[1] - 1) // 2 < p:
         reach = max(p, 16 if table is None else 2 * ((table.shape[1] - 1) // 2))
         d = torch.arange(-reach, reach + 1, dtype=torch.int64, device=device)
         turns = torch.outer(torch.arange(n, dtype=torch.int64, device=device), d).remainder_(n).to(torch.float64)
         table = torch.polar(torch.ones_like(turns), turns.mul_(-2.0 * math.pi / n)).to(torch.complex64)
-        if len(_DFT_TABLES) >= 64:
-            _DFT_TABLES.clear()
-        _DFT_TABLES[key] = table
+        with _CACHE_LOCK:
+            if len(_DFT_TABLES) >= 64:
+                _DFT_TABLES.clear()
+            _DFT_TABLES[key] = table
     reach = (table.shape[1] - 1) // 2
     return table[:, reach - p: reach + p + 1]
 
@@ -212,10 +221,11 @@ def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
         p = kernel.shape[-1] // 2
         ey, ex = _dft_columns(lh, p, kernel.device), _dft_columns(lw, p, kernel.device)
         spec = ey @ kernel.to(torch.complex64) @ ex.T
-        used = sum(v.numel() * v.element_size() for v in _KERNEL_SPECTRA.values())
-        if used + spec.numel() * spec.element_size() > _KERNEL_CACHE_BYTES:
-            _KERNEL_SPECTRA.clear()
-        _KERNEL_SPECTRA[key] = spec
+        with _CACHE_LOCK:
+            used = sum(v.numel() * v.element_size() for v in _KERNEL_SPECTRA.values())
+            if used + spec.numel() * spec.element_size() > _KERNEL_CACHE_BYTES:
+                _KERNEL_SPECTRA.clear()
+            _KERNEL_SPECTRA[key] = spec
     return spec
 
 
@@ -592,39 +602,87 @@ def _move(tensors, src: _Grid, dst: _Grid):
     return out
 
 
-def _composite(engine: _LevelRenderer, B: int, H: int, W: int) -> torch.Tensor:
+def _schedule(levels: list[Level]) -> list[tuple[str, object]]:
+    """The order in which `_composite` uses the levels: ("coarse", run) for the coarse levels behind the
+    full-resolution ones (one run per lattice, from the coarsest on), ("fine", idx) for the
+    full-resolution levels back to front, then ("coarse", run) for those in front (from the coarsest
+    lattice back). Runs are lists of consecutive level indices on one lattice."""
+    n = len(levels) - 1
+    jobs, idx = [], -n
+    while idx < 0 and levels[-idx].scale > 1:
+        run = [i for i in range(idx, 0) if levels[-i].scale == levels[-idx].scale]
+        jobs.append(("coarse", run))
+        idx += len(run)
+    while idx <= n and levels[abs(idx)].scale == 1:
+        jobs.append(("fine", idx))
+        idx += 1
+    j = n
+    while j >= idx:
+        run = [i for i in range(j, idx - 1, -1) if levels[i].scale == levels[j].scale]
+        jobs.append(("coarse", run))
+        j -= len(run)
+    return jobs
+
+
+def _rendered(engine: _LevelRenderer, jobs, workers: int):
+    """The jobs' renders (`render` or `render_coarse_run`), in order. With workers > 1 they are rendered
+    on that many threads, at most `workers` jobs ahead of the compositing (bounded memory): levels are
+    independent, so this parallelism needs no synchronisation inside an operation."""
+    def run(job):
+        kind, arg = job
+        return engine.render(arg) if kind == "fine" else engine.render_coarse_run(arg)
+
+    if workers <= 1:
+        for job in jobs:
+            yield run(job)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="bokeh-levels") as pool:
+        todo = iter(jobs)
+        ahead = deque(pool.submit(run, job) for job in itertools.islice(todo, workers))
+        while ahead:
+            done = ahead.popleft().result()
+            job = next(todo, None)
+            if job is not None:
+                ahead.append(pool.submit(run, job))
+            yield done
+
+
+def _composite(engine: _LevelRenderer, B: int, H: int, W: int, workers: int = 1) -> torch.Tensor:
     """Composite levels -n..n back to front: level j's light is dimmed by the coverage of every level
     from j + 2 on (its direct neighbours are the same surface split in two and do not hide it).
 
     Coarse levels are composited on their own lattices: those behind the full-resolution ones
     back to front ("over"), those in front of them front to back ("under", keeping the
     transmittance); each group crosses to full resolution once. -> RGBA as complex planes [B,2,H,W].
+    The levels are rendered ahead on `workers` threads (`_rendered`).
     """
-    levels, n = engine.levels, engine.n
+    levels = engine.levels
     image = _Grid(1, 0, 0, H, W)
-    idx = -n
+    jobs = _schedule(levels)
+    rendered = _rendered(engine, jobs, workers)
+    behind = [arg for kind, arg in jobs if kind == "coarse" and arg[0] < 0]
+    fine = [arg for kind, arg in jobs if kind == "fine"]
+    front = [arg for kind, arg in jobs if kind == "coarse" and arg[0] > 0]
     # behind: coarse levels, over-composited from the coarsest lattice to the finest
     acc = pending = grid = None
-    while idx < 0 and levels[-idx].scale > 1:
-        g = engine.grids[levels[-idx].scale]
-        run = [i for i in range(idx, 0) if levels[-i].scale == g.scale]
+    for run in behind:
+        g = engine.grids[levels[-run[0]].scale]
         if grid is None:
             acc = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
         else:
             acc, pending = _move([acc, pending], grid, g)
         grid = g
-        for level in engine.render_coarse_run(run):
+        for level in next(rendered):
             _over(acc, pending, level)
             pending = level
-        idx += len(run)
     if grid is None:
         acc = torch.zeros(B, 2, H, W, dtype=torch.complex64, device=engine.device)
     else:
         acc, pending = _move([acc, pending], grid, image)
     pending = None if pending is None else LevelCanvas(pending, 0, 0)
     # the middle: full-resolution levels
-    while idx <= n and levels[abs(idx)].scale == 1:
-        canvas = engine.render(idx)
+    for _ in fine:
+        canvas = next(rendered)
         cl = None if canvas is None else canvas.clip(H, W)
         pcl = None if pending is None else pending.clip(H, W)
         if cl is not None:
@@ -641,19 +699,16 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int) -> torch.Tensor:
             (qy, qx), (py, px) = pcl
             acc[:, :, qy, qx] += pending.planes[:, :, py, px]
         pending = canvas
-        idx += 1
-    if idx > n:
+    if not front:
         if pending is not None and pending.clip(H, W) is not None:
             (qy, qx), (py, px) = pending.clip(H, W)
             acc[:, :, qy, qx] += pending.planes[:, :, py, px]
         return acc
-    # in front: coarse levels, under-composited from the nearest (coarsest lattice) back to idx.
+    # in front: coarse levels, under-composited from the nearest (coarsest lattice) back.
     # light = sum of level j's light times p_{j+2}, p_m = prod over levels k >= m of (1 - coverage_k)
     light = p1 = p2 = grid = None  # p1 = p_{j+1}, p2 = p_{j+2} for the next level j
-    j = n
-    while j >= idx:
-        g = engine.grids[levels[j].scale]
-        run = [i for i in range(j, idx - 1, -1) if levels[i].scale == g.scale]
+    for run in front:
+        g = engine.grids[levels[run[0]].scale]
         if grid is None:
             light = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
             p1 = torch.ones(B, g.h, g.w, device=engine.device)
@@ -661,13 +716,12 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int) -> torch.Tensor:
         else:
             light, p1, p2 = _move([light, p1, p2], grid, g)
         grid = g
-        for level in engine.render_coarse_run(run):
+        for level in next(rendered):
             if level is None:
                 p2 = p1
                 continue
             _channels(light).addcmul_(_channels(level), _pairs(p2))
             p1, p2 = p1 * _transmittance(level), p1
-        j -= len(run)
     light, p1, p2 = _move([light, p1, p2], grid, image)
     # everything at full resolution so far (acc: levels < idx - 1, pending: level idx - 1) lies behind
     _channels(acc).mul_(_pairs(p1))
@@ -768,6 +822,52 @@ def highlight_gain(lin: torch.Tensor, radius: torch.Tensor, boost: float, thresh
     return gain[..., None]
 
 
+@contextmanager
+def _intra_op_threads(n: int):
+    """torch's intra-op thread count set to n for the block (process-wide), then restored."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# The machine counts as busy when its 1-minute load average exceeds its CPUs by this much (the render's
+# own threads are part of the load).
+BUSY_LOAD_MARGIN = 0.5
+
+
+def _machine_busy() -> bool:
+    """More runnable threads than CPUs (Unix load average; False where it is unknown)."""
+    try:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return os.getloadavg()[0] > cpus + BUSY_LOAD_MARGIN
+    except (OSError, AttributeError):
+        return False
+
+
+def _parallelism(threads, device) -> tuple[int, int]:
+    """(level worker threads, torch intra-op threads) for a render on `threads` CPU threads (None =
+    torch's count). On a quiet machine torch splits every operation across the threads. On a busy one
+    (`_machine_busy`) an operation split in two waits at its end for the slower half, which waits for the
+    scheduler: hundreds of operations a render made it ~10x slower under a competing 2-thread job. There
+    the levels are rendered on `threads` worker threads instead (they are independent), each operation on
+    one thread, so a thread that loses its CPU delays only its own level. GPUs: unchanged."""
+    if threads is None:
+        threads = torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"threads must be an integer >= 1 (or None = torch's thread count), got {threads!r}.")
+    if torch.device(device).type != "cpu":
+        return 1, torch.get_num_threads()
+    if threads > 1 and _machine_busy():
+        return threads, 1
+    return 1, threads
+
+
 VIGNETTING_GRID = 5
 
 
@@ -798,7 +898,7 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
                  *, defocus_px=None, colorspace: str = "srgb", highlight_boost: float = 0.0,
                  highlight_threshold: float = HIGHLIGHT_THRESHOLD_DEFAULT, max_radius: float | None = None,
                  quality: str = "balanced", flip_front: bool = True, vignetting: float = 0.0, grain: float = 0.0,
-                 grain_seed: int = 0) -> torch.Tensor:
+                 grain_seed: int = 0, threads: int | None = None) -> torch.Tensor:
     """Refocus `image` [B,H,W,3] (anything `to_image_batch` takes) -> [B,H,W,3] in [0,1].
 
     Blur: either disparity [B,H,W] (1/m, bigger = nearer) + focus_disparity (scalar or [B]; None = the
@@ -823,6 +923,9 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     quality: "fast" | "balanced" | "best": depth-level spacing and when coarse grids take over
     (QUALITY_PRESETS); the CoC radius is equally exact in all three, the bokeh edges get crisper
     (edge ramp about 25% / 12% / 6% of the radius at large radii) and the render slower.
+    threads (CPU): None = torch.get_num_threads(). On a quiet machine torch uses them inside every
+    operation; on a busy one the depth levels are rendered on that many worker threads, one thread per
+    operation (`_parallelism`; torch's thread count is restored afterwards). Same picture either way.
     """
     img = to_image_batch(image)
     B, H, W, _ = img.shape
@@ -856,27 +959,29 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
 
     if quality not in QUALITY_PRESETS:
         raise InputError(f"quality must be one of {', '.join(QUALITY_PRESETS)}, got {quality!r}.")
-    levels = build_levels(peak, aperture, *QUALITY_PRESETS[quality])
-    lo, w_lo, w_hi = level_weights(radius.abs(), levels)
-    sign = torch.where(radius < 0, -1, 1)
+    workers, intra_op = _parallelism(threads, device)
+    with _intra_op_threads(intra_op):
+        levels = build_levels(peak, aperture, *QUALITY_PRESETS[quality])
+        lo, w_lo, w_hi = level_weights(radius.abs(), levels)
+        sign = torch.where(radius < 0, -1, 1)
 
-    lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
-    if highlight_boost > 0:
-        lin = lin * highlight_gain(lin, radius, highlight_boost, highlight_threshold)
+        lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
+        if highlight_boost > 0:
+            lin = lin * highlight_gain(lin, radius, highlight_boost, highlight_threshold)
 
-    engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front,
-                            _vignetting_regions(aperture, vignetting, H, W))
-    del lin, lo, w_lo, w_hi, sign
-    acc = _composite(engine, B, H, W)
-    alpha = acc[:, 1].imag * (1.0 / ALPHA_SCALE)
-    out = torch.stack([acc[:, 0].real, acc[:, 0].imag, acc[:, 1].real], dim=-1)
-    out /= alpha.clamp_min_(1e-6)[..., None]
-    out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
-    # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
-    focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
-    if focus.numel():
-        flat_out, flat_in = out.view(-1, 3), img.reshape(-1, 3)
-        mine, given = flat_out.index_select(0, focus), flat_in.index_select(0, focus)
-        same = (mine - given).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE
-        flat_out.index_copy_(0, focus, torch.where(same, given, mine))
-    return add_matched_grain(out, img, radius, grain, grain_seed) if grain else out
+        engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front,
+                                _vignetting_regions(aperture, vignetting, H, W))
+        del lin, lo, w_lo, w_hi, sign
+        acc = _composite(engine, B, H, W, workers)
+        alpha = acc[:, 1].imag * (1.0 / ALPHA_SCALE)
+        out = torch.stack([acc[:, 0].real, acc[:, 0].imag, acc[:, 1].real], dim=-1)
+        out /= alpha.clamp_min_(1e-6)[..., None]
+        out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
+        # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
+        focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
+        if focus.numel():
+            flat_out, flat_in = out.view(-1, 3), img.reshape(-1, 3)
+            mine, given = flat_out.index_select(0, focus), flat_in.index_select(0, focus)
+            same = (mine - given).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE
+            flat_out.index_copy_(0, focus, torch.where(same, given, mine))
+        return add_matched_grain(out, img, radius, grain, grain_seed) if grain else out
