@@ -429,9 +429,9 @@ class _LevelRenderer:
                 canvases.append(self._convolve_direct(ent, torch.flip(kernel, dims=(0, 1)) if flip else kernel))
                 continue
             planes, y0, x0, h, w = self._draw_fine(ent, p)
-            spec = torch.fft.fft2(planes)
+            spec = torch.fft.fft2(planes, out=planes)  # in place: one frame-sized buffer per level
             spec *= self.spectrum(level, ap, flip, *planes.shape[-2:])
-            canvases.append(LevelCanvas(torch.fft.ifft2(spec)[..., :h, :w], y0, x0))
+            canvases.append(LevelCanvas(torch.fft.ifft2(spec, out=spec)[..., :h, :w], y0, x0))
         return _sum_canvases(canvases, self.B)
 
     def _convolve_direct(self, ent, kernel: torch.Tensor) -> LevelCanvas:
@@ -479,10 +479,10 @@ class _LevelRenderer:
         for ent, ap in parts:
             planes = torch.zeros(self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
             self._splat(ent, grid, planes)
-            part = torch.fft.fft2(planes)
+            part = torch.fft.fft2(planes, out=planes)
             part *= self.spectrum(level, ap, self.flip_front and idx > 0, lh, lw)
             spec = part if spec is None else spec.add_(part)
-        return torch.fft.ifft2(spec)[..., : grid.h, : grid.w]
+        return torch.fft.ifft2(spec, out=spec)[..., : grid.h, : grid.w]
 
     def render_coarse_run(self, indices: list[int]) -> list[torch.Tensor | None]:
         """`render_coarse` of several levels on one lattice, consecutive in idx: their entries are one
@@ -492,7 +492,7 @@ class _LevelRenderer:
             return [self.render_coarse(i) for i in indices]
         grid = self.grids[self.levels[abs(indices[0])].scale]
         lh, lw = grid.fft_h, grid.fft_w
-        per_level = 3 * self.B * 2 * lh * lw * 8  # input, spectrum and output of one level's transforms
+        per_level = self.B * 2 * lh * lw * 8  # a level's planes (transformed in place)
         step = max(1, COARSE_BATCH_BYTES // per_level)
         order = sorted(indices)
         out = {}
@@ -507,11 +507,10 @@ class _LevelRenderer:
                    self.values[a:b])
             planes = torch.zeros(len(chunk) * self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
             self._splat(ent, grid, planes)
-            spec = torch.fft.fft2(planes).view(len(chunk), self.B, 2, lh, lw)
-            del planes
-            spec *= torch.stack([self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
-                                 for i in chunk])[:, None, None]
-            res = torch.fft.ifft2(spec)[..., : grid.h, : grid.w]
+            spec = torch.fft.fft2(planes, out=planes).view(len(chunk), self.B, 2, lh, lw)
+            for k, i in enumerate(chunk):
+                spec[k] *= self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
+            res = torch.fft.ifft2(spec, out=spec)[..., : grid.h, : grid.w]
             for k, i in enumerate(chunk):
                 if counts[k] > 0:
                     out[i] = res[k]
