@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from genrefocus_core import apertures  # noqa: E402
+from genrefocus_core.basics import apertures  # noqa: E402
 from genrefocus_core.classical.renderer import render_bokeh  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("BOKEH_THREADS", "2")))

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bokeh_adapter  # noqa: E402
-from genrefocus_core import classical_bokeh  # noqa: E402
+from genrefocus_core.classical import renderer  # noqa: E402
 
 SCENES = os.environ.get("BOKEH_SCENES", os.path.join(os.path.expanduser("~"), ".cache", "genrefocus-bokeh-scenes"))
 
@@ -49,7 +49,7 @@ def main():
             t = time.perf_counter()
             reference(planes)
             ref.append(time.perf_counter() - t)
-            classical_bokeh._KERNEL_SPECTRA.clear()
+            renderer._KERNEL_SPECTRA.clear()
             t = time.perf_counter()
             bokeh_adapter.render(image, disparity, meta["focus_disparity"], meta["K"], None)
             ren.append(time.perf_counter() - t)
