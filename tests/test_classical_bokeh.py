@@ -371,3 +371,17 @@ def test_levels_on_worker_threads_give_the_same_picture(monkeypatch, threads):
     assert float((quiet - busy).abs().max()) < 1e-5
     with pytest.raises(InputError, match="threads"):
         render_bokeh(img, defocus_px=defocus, threads=0)
+
+
+def test_a_batch_rendered_frame_by_frame_equals_the_whole_batch(monkeypatch):
+    """Large batches (video) go FRAME_PIXELS_PER_CALL at a time on the batch's level ladder, so peak memory
+    is one frame's; the picture is the batch render's up to FFT rounding (1e-5, as in the batch test)."""
+    from genrefocus_core.classical import renderer
+
+    g = torch.Generator().manual_seed(9)
+    img = torch.rand(3, 40, 56, 3, generator=g)
+    defocus = (torch.rand(3, 40, 56, generator=g) - 0.5) * 50.0
+    whole = render_bokeh(img, defocus_px=defocus, aperture=apertures.polygon(6), highlight_boost=0.5, grain=0.5)
+    monkeypatch.setattr(renderer, "FRAME_PIXELS_PER_CALL", 1)
+    frames = render_bokeh(img, defocus_px=defocus, aperture=apertures.polygon(6), highlight_boost=0.5, grain=0.5)
+    assert float((whole - frames).abs().max()) < 1e-5

@@ -868,6 +868,8 @@ def _parallelism(threads, device) -> tuple[int, int]:
 
 
 VIGNETTING_GRID = 5
+# Frames of a batch are rendered this many pixels at a time (a 1920 x 1080 frame alone).
+FRAME_PIXELS_PER_CALL = 2 ** 21
 
 
 def _vignetting_regions(aperture: Aperture, strength: float, H: int, W: int):
@@ -891,6 +893,34 @@ def _vignetting_regions(aperture: Aperture, strength: float, H: int, W: int):
             direction = math.degrees(math.atan2(cy - my, cx - mx))
             regions.append((ys[i], ys[i + 1], xs[j], xs[j + 1], vignetted(aperture, amount, direction)))
     return regions
+
+
+def _render_frames(img, radius, levels, aperture, colorspace, highlight_boost, highlight_threshold, flip_front,
+                   regions, workers) -> torch.Tensor:
+    """The render of frames img [B,H,W,3] at signed radii [B,H,W] on the given level ladder (no grain)."""
+    B, H, W, _ = img.shape
+    lo, w_lo, w_hi = level_weights(radius.abs(), levels)
+    sign = torch.where(radius < 0, -1, 1)
+
+    lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
+    if highlight_boost > 0:
+        lin = lin * highlight_gain(lin, radius, highlight_boost, highlight_threshold)
+
+    engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front, regions)
+    del lin, lo, w_lo, w_hi, sign
+    acc = _composite(engine, B, H, W, workers)
+    alpha = acc[:, 1].imag * (1.0 / ALPHA_SCALE)
+    out = torch.stack([acc[:, 0].real, acc[:, 0].imag, acc[:, 1].real], dim=-1)
+    out /= alpha.clamp_min_(1e-6)[..., None]
+    out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
+    # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
+    focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
+    if focus.numel():
+        flat_out, flat_in = out.view(-1, 3), img.reshape(-1, 3)
+        mine, given = flat_out.index_select(0, focus), flat_in.index_select(0, focus)
+        same = (mine - given).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE
+        flat_out.index_copy_(0, focus, torch.where(same, given, mine))
+    return out
 
 
 def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, aperture: Aperture | None = None,
@@ -959,28 +989,14 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     if quality not in QUALITY_PRESETS:
         raise InputError(f"quality must be one of {', '.join(QUALITY_PRESETS)}, got {quality!r}.")
     workers, intra_op = _parallelism(threads, device)
+    levels = build_levels(peak, aperture, *QUALITY_PRESETS[quality])
+    regions = _vignetting_regions(aperture, vignetting, H, W)
+    # a batch goes FRAME_PIXELS_PER_CALL at a time (all on the batch's level ladder): peak memory is
+    # that of one frame, and a clip's frames reuse the kernel spectra of the same lattices
+    step = max(1, FRAME_PIXELS_PER_CALL // (H * W))
     with _intra_op_threads(intra_op):
-        levels = build_levels(peak, aperture, *QUALITY_PRESETS[quality])
-        lo, w_lo, w_hi = level_weights(radius.abs(), levels)
-        sign = torch.where(radius < 0, -1, 1)
-
-        lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
-        if highlight_boost > 0:
-            lin = lin * highlight_gain(lin, radius, highlight_boost, highlight_threshold)
-
-        engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front,
-                                _vignetting_regions(aperture, vignetting, H, W))
-        del lin, lo, w_lo, w_hi, sign
-        acc = _composite(engine, B, H, W, workers)
-        alpha = acc[:, 1].imag * (1.0 / ALPHA_SCALE)
-        out = torch.stack([acc[:, 0].real, acc[:, 0].imag, acc[:, 1].real], dim=-1)
-        out /= alpha.clamp_min_(1e-6)[..., None]
-        out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
-        # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
-        focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
-        if focus.numel():
-            flat_out, flat_in = out.view(-1, 3), img.reshape(-1, 3)
-            mine, given = flat_out.index_select(0, focus), flat_in.index_select(0, focus)
-            same = (mine - given).abs().amax(dim=-1, keepdim=True) <= EXACT_TOLERANCE
-            flat_out.index_copy_(0, focus, torch.where(same, given, mine))
+        out = torch.empty_like(img)
+        for b in range(0, B, step):
+            out[b:b + step] = _render_frames(img[b:b + step], radius[b:b + step], levels, aperture, colorspace,
+                                             highlight_boost, highlight_threshold, flip_front, regions, workers)
         return add_matched_grain(out, img, radius, grain, grain_seed) if grain else out
