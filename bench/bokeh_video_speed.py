@@ -13,6 +13,9 @@ machine convert to quiet ones: quiet time ~ ratio x 32 ms.
 - peak RSS: ru_maxrss of a fresh subprocess that builds the scene and renders one frame (exact; torch's
   allocations are invisible to tracemalloc), and of one that only builds the scene (the baseline).
 --compete runs a competing 2-thread job (a matrix-product loop in another process) during the timings.
+--modes: how the renderer uses the threads, interleaved per repetition: auto (its own choice from the
+load average), ops (torch splits every operation; its choice on a quiet machine), levels (levels on
+worker threads, one thread per operation; its choice on a busy one). The pull runs in the first mode.
 """
 import argparse
 import json
@@ -50,6 +53,13 @@ def reference(planes: torch.Tensor) -> float:
     for _ in range(10):
         torch.fft.ifft2(torch.fft.fft2(planes))
     return time.perf_counter() - t
+
+
+_BUSY = renderer._machine_busy
+
+
+def use_mode(mode: str) -> None:
+    renderer._machine_busy = {"auto": _BUSY, "ops": lambda: False, "levels": lambda: True}[mode]
 
 
 def timed(fn) -> float:
@@ -93,6 +103,7 @@ def main():
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compete", action="store_true", help="run a competing 2-thread job during the timings")
+    ap.add_argument("--modes", nargs="+", default=["auto"], choices=["auto", "ops", "levels"])
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--child-rss", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--no-render", action="store_true", help=argparse.SUPPRESS)
@@ -108,11 +119,14 @@ def main():
             image, disparity, focus, K = scene(*SIZES[size])
             renderer.render_bokeh(image[:, :64, :64], disparity[:, :64, :64], focus, K, hexagon)
             reference(planes)
-            refs, frames = [], []
+            refs, frames = [], {m: [] for m in args.modes}
             for _ in range(args.repeats):
-                refs.append(reference(planes))
-                renderer._KERNEL_SPECTRA.clear()
-                frames.append(timed(lambda: renderer.render_bokeh(image, disparity, focus, K, hexagon)))
+                for mode in args.modes:
+                    use_mode(mode)
+                    refs.append(reference(planes))
+                    renderer._KERNEL_SPECTRA.clear()
+                    frames[mode].append(timed(lambda: renderer.render_bokeh(image, disparity, focus, K, hexagon)))
+            use_mode(args.modes[0])
             near, far = float(disparity.max()), float(disparity.min())
             pull = []
             for k in range(args.frames):
@@ -120,15 +134,16 @@ def main():
                 k_frame = MAX_RADIUS / float((disparity - f).abs().max())  # radii up to 60 px in every frame
                 refs.append(reference(planes))
                 pull.append(timed(lambda: renderer.render_bokeh(image, disparity, f, k_frame, hexagon)))
-            ref = statistics.median(refs)
-            frame, per_frame = statistics.median(frames), statistics.median(pull[1:] or pull)
+            ref, per_frame = statistics.median(refs), statistics.median(pull[1:] or pull)
             row = {"size": f"{SIZES[size][1]}x{SIZES[size][0]}", "threads": args.threads, "compete": args.compete,
-                   "frame_s": round(frame, 3), "pull_per_frame_s": round(per_frame, 3),
-                   "reference_s": round(ref, 4), "frame_per_reference": round(frame / ref, 2),
-                   "pull_per_reference": round(per_frame / ref, 2),
-                   "quiet_equivalent_frame_s": round(frame / ref * QUIET_REFERENCE_S, 3),
-                   "quiet_equivalent_pull_s": round(per_frame / ref * QUIET_REFERENCE_S, 3),
-                   "load": round(os.getloadavg()[0], 1)}
+                   "reference_s": round(ref, 4), "load": round(os.getloadavg()[0], 1)}
+            for mode, times in frames.items():
+                frame = statistics.median(times)
+                row[mode] = {"frame_s": round(frame, 3), "frame_per_reference": round(frame / ref, 2),
+                             "quiet_equivalent_frame_s": round(frame / ref * QUIET_REFERENCE_S, 3)}
+            row["pull"] = {"mode": args.modes[0], "per_frame_s": round(per_frame, 3),
+                           "per_reference": round(per_frame / ref, 2),
+                           "quiet_equivalent_s": round(per_frame / ref * QUIET_REFERENCE_S, 3)}
             if not args.no_rss:
                 with_render, scene_only = peak_rss(size, args.threads)
                 row.update(peak_rss_mib=round(with_render), scene_only_rss_mib=round(scene_only))
