@@ -10,8 +10,8 @@ machine convert to quiet ones: quiet time ~ ratio x 32 ms.
 - frame: one render, warm process, cold kernel-spectrum cache (median of --repeats);
 - pull: per-frame time over --frames frames whose focus moves from the near card to the far wall
   (consecutive calls, as a focus pull makes them: spectra and DFT tables are reused across frames);
-- peak RSS: ru_maxrss of a fresh subprocess that builds the scene and renders one frame (exact; torch's
-  allocations are invisible to tracemalloc), and of one that only builds the scene (the baseline).
+- peak RSS: ru_maxrss of a fresh subprocess that loads the scene and renders one frame (exact; torch's
+  allocations are invisible to tracemalloc), and of one that only loads the scene (the baseline).
 --compete runs a competing 2-thread job (a matrix-product loop in another process) during the timings.
 --modes: how the renderer uses the threads, interleaved per repetition: auto (its own choice from the
 load average), ops (torch splits every operation; its choice on a quiet machine), levels (levels on
@@ -24,6 +24,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -68,22 +69,27 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def child_rss(size: int, threads: int, render: bool) -> None:
+def child_rss(path: str, threads: int, render: bool) -> None:
     torch.set_num_threads(threads)
-    image, disparity, focus, K = scene(*SIZES[size])
+    image, disparity, focus, K = torch.load(path, weights_only=True)
     if render:
         renderer.render_bokeh(image, disparity, focus, K, polygon(6))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 
 
 def peak_rss(size: int, threads: int) -> tuple[float, float]:
-    """(peak RSS MiB of scene + render, of the scene alone), each in a fresh process."""
-    out = []
-    for render in (True, False):
-        cmd = [sys.executable, __file__, "--child-rss", str(size), "--threads", str(threads)]
-        if not render:
-            cmd.append("--no-render")
-        out.append(float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1]))
+    """(peak RSS MiB of loading the scene + rendering, of loading it alone), each in a fresh process. The
+    scene is built here and saved: building it at 4K (float64 numpy) peaks higher than the render."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "scene.pt")
+        image, disparity, focus, K = scene(*SIZES[size])
+        torch.save([image, disparity, focus, K], path)
+        out = []
+        for render in (True, False):
+            cmd = [sys.executable, __file__, "--child-rss", path, "--threads", str(threads)]
+            if not render:
+                cmd.append("--no-render")
+            out.append(float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1]))
     return out[0], out[1]
 
 
@@ -105,7 +111,7 @@ def main():
     ap.add_argument("--compete", action="store_true", help="run a competing 2-thread job during the timings")
     ap.add_argument("--modes", nargs="+", default=["auto"], choices=["auto", "ops", "levels"])
     ap.add_argument("--no-rss", action="store_true")
-    ap.add_argument("--child-rss", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--child-rss", help=argparse.SUPPRESS)
     ap.add_argument("--no-render", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_rss:
