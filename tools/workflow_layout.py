@@ -36,6 +36,8 @@ COLUMNS = {
     "genrefocus_full_refocus.json": [[1, 2, 3], [4, 5], [6, 7, 8, 12], [9], [10, 11]],
     "genrefocus_highres_tiled_refocus.json": [[1, 2, 3], [4, 5], [6, 7, 8], [9], [10, 11]],
     "genrefocus_deblur_only.json": [[1, 2, 3], [4], [5], [6]],
+    "genrefocus_rack_focus_still.json": [[1, 2, 3], [4], [5], [6]],
+    "genrefocus_focus_pull_clip.json": [[1, 2], [3], [4], [5]],
     "genrefocus_txt2img_then_refocus.json": [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12, 13, 17], [14], [15, 16]],
 }
 NOTE_HEIGHT = 330

@@ -249,8 +249,23 @@ async function closeDialogs(page) {
     }, module);
     await page.waitForTimeout(2500);
     // the cards' thumbnails are fetched and shown as blob: images, named by their alt text (the template name)
-    result.cards = await page.evaluate(() => [...document.querySelectorAll('.p-dialog img')]
-      .map((i) => ({ alt: i.alt, loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth })));
+    // the dialog renders the cards in view only: scroll through it and collect every card seen
+    const seen = {};
+    for (let step = 0; step < 12; step++) {
+      const cards = await page.evaluate(() => [...document.querySelectorAll('.p-dialog img')]
+        .map((i) => ({ alt: i.alt, loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth })));
+      for (const c of cards) if (!seen[c.alt] || c.loaded) seen[c.alt] = c;
+      const moved = await page.evaluate(() => {
+        const boxes = [...document.querySelectorAll('.p-dialog *')].filter((el) => el.scrollHeight > el.clientHeight + 4
+          && ['auto', 'scroll'].includes(getComputedStyle(el).overflowY));
+        let moved = false;
+        for (const b of boxes) { const before = b.scrollTop; b.scrollTop += b.clientHeight * 0.8; moved = moved || b.scrollTop !== before; }
+        return moved;
+      });
+      await page.waitForTimeout(800);
+      if (!moved && step > 0) break;
+    }
+    result.cards = Object.values(seen);
     result.requests = await page.evaluate(async (mod) => {
       const names = (await (await fetch('/api/workflow_templates')).json())[mod] ?? [];
       const out = {};
