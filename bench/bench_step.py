@@ -12,9 +12,13 @@ Variants, timed in the same run on the same inputs (outputs compared):
 - reference: the official Genfocus `transformer_forward`, imported at run time from the directory in
   $GENFOCUS_REFERENCE_DIR (a checkout of github.com/rayray9999/Genfocus; never part of this project).
 
-Wall-clock seconds (best of the repeats) and CPU seconds of this process (best of the repeats; less
-sensitive to other processes on a shared machine) are both printed; "speedup" is reference (or
-emulated, when the reference is not available) over ours. FLOPs per step are counted analytically (multiply-add = 2) and split into attention, base
+Timing: the variants take turns at every transformer forward (each variant's step runs in its own
+thread and waits for its turn before each forward, so a change of load hits every variant alike,
+also within a tiled step); a step's time is the sum of its forwards. Each case runs `--warmup`
+untimed and `--repeats` timed steps per variant; min / median / max of the wall-clock seconds and
+the median CPU seconds of this process (less sensitive to other processes) are printed with the
+1-minute load average at the start and end of the case; "speedup" is the ratio of medians,
+reference (or emulated, when the reference is not available) over ours. FLOPs per step are counted analytically (multiply-add = 2) and split into attention, base
 matmuls and LoRA, for our computation and for the reference's.
 
     python bench/bench_step.py                      # everything (several minutes on 2 cores)
@@ -27,7 +31,9 @@ import contextlib
 import json
 import os
 import sys
+import statistics
 import tempfile
+import threading
 import time
 import types
 from pathlib import Path
@@ -41,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from genrefocus_core.generative import lora  # noqa: E402
 from genrefocus_core.generative import flux_layouts  # noqa: E402
 from genrefocus_core.generative import multi_branch_forward as mbf  # noqa: E402
+from genrefocus_core.generative import sampling  # noqa: E402
 from genrefocus_core.generative.condition_tokens import position_ids  # noqa: E402
 from genrefocus_core.generative.sampling import (DenoiseInputs, SamplerSettings, denoise, tile_origins,  # noqa: E402
                                       tile_token_index, tile_weights, flow_match_schedule)
@@ -179,14 +186,101 @@ def emulated_branch_attention(q, k, v, main_len, n, attention=None):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2, 3)
 
 
+_THREAD = threading.local()  # .variant: the variant the current thread computes
+
+
+def _emulating() -> bool:
+    return getattr(_THREAD, "variant", None) == "emulated"
+
+
 @contextlib.contextmanager
 def emulate_reference():
+    """Route the LoRA linear and the branch attention to the emulations in threads computing the
+    "emulated" variant (the variants run in concurrent threads that take turns)."""
     saved = flux_layouts.lora_linear, mbf._branch_attention
-    flux_layouts.lora_linear, mbf._branch_attention = emulated_lora_linear, emulated_branch_attention
+    lin, att = saved
+    flux_layouts.lora_linear = lambda *a: (emulated_lora_linear if _emulating() else lin)(*a)
+    mbf._branch_attention = lambda *a: (emulated_branch_attention if _emulating() else att)(*a)
     try:
         yield
     finally:
         flux_layouts.lora_linear, mbf._branch_attention = saved
+
+
+class TakeTurns:
+    """Lets the variants' threads run one transformer forward at a time, in a fixed rotation, and
+    sums each variant's wall-clock and process CPU seconds spent in its forwards."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.turn = 0
+        self.finished: set[str] = set()
+        self.cond = threading.Condition()
+        self.wall = dict.fromkeys(self.names, 0.0)
+        self.cpu = dict.fromkeys(self.names, 0.0)
+
+    def _advance(self):
+        for _ in self.names:
+            self.turn = (self.turn + 1) % len(self.names)
+            if self.names[self.turn] not in self.finished:
+                break
+        self.cond.notify_all()
+
+    def timed(self, fn):
+        def forward(*args, **kwargs):
+            name = _THREAD.variant
+            with self.cond:
+                self.cond.wait_for(lambda: self.names[self.turn] == name)
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.wall[name] += time.perf_counter() - t0
+                self.cpu[name] += time.process_time() - c0
+                with self.cond:
+                    self._advance()
+        return forward
+
+    def run(self, steps: dict):
+        """steps: variant -> callable computing one step; returns variant -> output."""
+        outputs, errors = {}, []
+
+        def work(name):
+            _THREAD.variant = name
+            try:
+                with torch.no_grad():
+                    outputs[name] = steps[name]()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                errors.append(exc)
+            finally:
+                with self.cond:
+                    self.finished.add(name)
+                    if self.names[self.turn] == name:
+                        self._advance()
+
+        threads = [threading.Thread(target=work, args=(name,)) for name in self.names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return outputs
+
+
+@contextlib.contextmanager
+def taking_turns(turns: TakeTurns, reference):
+    """Route our forward (as `sampling.denoise` calls it) and the reference's through `turns`."""
+    saved = sampling.multi_branch_forward, getattr(reference, "transformer_forward", None)
+    sampling.multi_branch_forward = turns.timed(saved[0])
+    if reference is not None:
+        reference.transformer_forward = turns.timed(saved[1])
+    try:
+        yield
+    finally:
+        sampling.multi_branch_forward = saved[0]
+        if reference is not None:
+            reference.transformer_forward = saved[1]
 
 
 def import_reference(path: str):
@@ -243,33 +337,36 @@ def run_case(model, config, rank, size, stage, variants, reference, repeats, war
     sigma = flow_match_schedule(1, rows * cols)[1][0].item() / 1000
     forwards = len(tile_origins(rows, cols, 32, 4)) if tiled else 1
     L = 1024 if tiled else rows * cols
-    def run(variant):
-        with torch.no_grad():
-            if variant == "reference":
-                pred = reference_step(reference, model, latents, conds, text, pooled, text_ids, rows, cols,
-                                      guidance, tiled, sigma)
-                return latents + (0.0 - 1.0) * pred
-            ctx = emulate_reference() if variant == "emulated" else contextlib.nullcontext()
-            with ctx:
-                constants = mbf.prepare_constants(model, text, pooled, conds, [("bokeh",)] * n, torch.float32)
-                inputs = DenoiseInputs(constants, text_ids, rows, cols, [position_ids(rows, cols)] * n,
-                                       [True] * n, guidance)
-                return denoise(model, latents, inputs, settings)
+    def step(variant):
+        if variant == "reference":
+            pred = reference_step(reference, model, latents, conds, text, pooled, text_ids, rows, cols,
+                                  guidance, tiled, sigma)
+            return latents + (0.0 - 1.0) * pred
+        constants = mbf.prepare_constants(model, text, pooled, conds, [("bokeh",)] * n, torch.float32)
+        inputs = DenoiseInputs(constants, text_ids, rows, cols, [position_ids(rows, cols)] * n,
+                               [True] * n, guidance)
+        return denoise(model, latents, inputs, settings)
 
-    outputs, times, cpu = {}, {v: [] for v in variants}, {v: [] for v in variants}
-    for r in range(repeats + warmup):  # interleaved, so that load from other processes hits every variant alike
-        for v in variants:
-            t0, c0 = time.perf_counter(), time.process_time()
-            outputs[v] = run(v)
+    times, cpu = {v: [] for v in variants}, {v: [] for v in variants}
+    ctx = emulate_reference() if "emulated" in variants else contextlib.nullcontext()
+    load = [os.getloadavg()[0]]
+    with ctx:
+        for r in range(repeats + warmup):
+            order = variants if r % 2 == 0 else variants[::-1]  # who goes first alternates too
+            turns = TakeTurns(order)
+            with taking_turns(turns, reference):
+                outputs = turns.run({v: (lambda v=v: step(v)) for v in order})
             if r >= warmup:
-                times[v].append(time.perf_counter() - t0)
-                cpu[v].append(time.process_time() - c0)
-    results = {v: min(ts) for v, ts in times.items()}
-    results_cpu = {v: min(ts) for v, ts in cpu.items()}
+                for v in variants:
+                    times[v].append(turns.wall[v])
+                    cpu[v].append(turns.cpu[v])
+    load.append(os.getloadavg()[0])
+    results = {v: (min(ts), statistics.median(ts), max(ts)) for v, ts in times.items()}
+    results_cpu = {v: statistics.median(ts) for v, ts in cpu.items()}
     flops_ours = step_flops(config, rank, TEXT_TOKENS, L, n, forwards, reference=False)
     flops_ref = step_flops(config, rank, TEXT_TOKENS, L, n, forwards, reference=True)
     diffs = {v: (outputs[v] - outputs["ours"]).abs().max().item() for v in outputs if v != "ours"} if "ours" in outputs else {}
-    return results, results_cpu, flops_ours, flops_ref, diffs, forwards
+    return results, results_cpu, flops_ours, flops_ref, diffs, forwards, load
 
 
 def main(argv=None) -> int:
@@ -279,7 +376,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", default="bokeh,deblur")
     parser.add_argument("--variants", default="ours,emulated,reference")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="timed repeats per variant (the minimum is reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (min/median/max reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing")
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the mid-size model")
     args = parser.parse_args(argv)
@@ -294,10 +391,12 @@ def main(argv=None) -> int:
             print("reference: skipped (set GENFOCUS_REFERENCE_DIR to a Genfocus checkout to time it)")
             variants.remove("reference")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, 1 step per case, "
-          f"best of {args.repeats} after {args.warmup} warm-up run(s), load average {os.getloadavg()[0]:.1f}")
-    header = (f"{'model':5} {'size':>5} {'stage':6} {'fwd':>3} " + " ".join(f"{v + ' s':>12}" for v in variants)
+          f"medians of {args.repeats} interleaved repetitions after {args.warmup} warm-up run(s), variants taking "
+          f"turns at every forward; load average (1 min) {os.getloadavg()[0]:.1f}")
+    header = (f"{'model':5} {'size':>5} {'stage':6} {'fwd':>3} "
+              + " ".join(f"{v + ' s min/med/max':>24}" for v in variants)
               + "  speedup | " + " ".join(f"{v + ' cpu s':>14}" for v in variants)
-              + "  speedup | GFLOP ours attn/base/lora | GFLOP ref attn/base/lora | max|diff|")
+              + "  speedup | GFLOP ours attn/base/lora | GFLOP ref attn/base/lora | max|diff| | load")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
         for model_kind in args.models.split(","):
@@ -305,18 +404,21 @@ def main(argv=None) -> int:
             rank = 4 if model_kind == "tiny" else args.rank
             for size in [int(s) for s in args.sizes.split(",")]:
                 for stage in args.stages.split(","):
-                    res, res_cpu, fo, fr, diffs, fwd = run_case(model, config, rank, size, stage, variants, reference,
+                    res, res_cpu, fo, fr, diffs, fwd, load = run_case(model, config, rank, size, stage, variants, reference,
                                                                 args.repeats, args.warmup)
+
+                    medians = {v: r[1] for v, r in res.items()}
 
                     def speedup(r):
                         base = r.get("reference", r.get("emulated"))
                         return f"{base / r['ours']:.2f}x" if base and "ours" in r else "-"
 
                     g = lambda f: "/".join(f"{f[k] / 1e9:.1f}" for k in ("attention", "base_matmul", "lora"))  # noqa: E731
-                    print(f"{model_kind:5} {size:5d} {stage:6} {fwd:3d} " + " ".join(f"{res[v]:12.3f}" for v in variants)
-                          + f"  {speedup(res):>7} | " + " ".join(f"{res_cpu[v]:14.3f}" for v in variants)
+                    print(f"{model_kind:5} {size:5d} {stage:6} {fwd:3d} " + " ".join(f"{'/'.join(f'{x:.3f}' for x in res[v]):>24}" for v in variants)
+                          + f"  {speedup(medians):>7} | " + " ".join(f"{res_cpu[v]:14.3f}" for v in variants)
                           + f"  {speedup(res_cpu):>7} | {g(fo):>24} | {g(fr):>24} | "
-                          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), flush=True)
+                          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+                          + f" | {load[0]:.1f}->{load[1]:.1f}", flush=True)
     return 0
 
 
