@@ -124,8 +124,11 @@ def test_focus_pull_frames_share_the_noise_so_only_the_blur_changes(pipe):
     maps = pull.signed_coc(disp).abs()
     assert torch.equal(maps[0], maps[1]) and not torch.equal(maps[2], maps[3])
     frames = pipe.bokeh(image, maps, settings=FAST_BOKEH)  # the still serves every frame
-    # equal blur -> equal frames (one batched computation per frame on the same inputs: bit-equal)
-    assert torch.equal(frames[0], frames[1])
+    # equal blur -> equal frames. Same inputs in one batch; a BLAS kernel may still block rows of the
+    # batch differently (AVX2 vs AVX-512), so the frames agree to fp32 summation-order rounding: the
+    # batched-vs-single bound below (1e-4), far under the 1e-3 the blur changes make
+    tol = 1e-4
+    assert (frames[0] - frames[1]).abs().max() < tol
     assert (frames[2] - frames[3]).abs().max() > 1e-3
     # each frame is what a run on that frame alone gives: batched vs single fp32 matmuls differ in
     # summation order only (measured 2e-6; 1e-4 leaves room for other BLAS kernels)
@@ -135,7 +138,7 @@ def test_focus_pull_frames_share_the_noise_so_only_the_blur_changes(pipe):
     other = maps.clone()
     other[3] = maps[2]
     again = pipe.bokeh(image, other, settings=FAST_BOKEH)
-    assert torch.equal(again[:3], frames[:3]) and torch.equal(again[3], frames[2])
+    assert (again[:3] - frames[:3]).abs().max() < tol and (again[3] - frames[2]).abs().max() < tol
     # with independent noise per image the equal-blur frames differ: the test above can fail
     independent = pipe.bokeh(image, maps[:2], settings=SamplerSettings(steps=2, seed=1234, batch_noise="independent"))
     assert (independent[0] - independent[1]).abs().max() > 1e-2
