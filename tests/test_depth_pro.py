@@ -543,7 +543,7 @@ def test_old_transformers_gives_a_clear_error(monkeypatch, apple_pt):
     old = types.ModuleType("transformers")
     old.__version__ = "4.46.3"  # before Depth Pro was added
     monkeypatch.setitem(sys.modules, "transformers", old)
-    with pytest.raises(ModelFileError, match=r"transformers >= 4.49 \(installed: 4.46.3\)"):
+    with pytest.raises(ModelFileError, match=r"transformers >= 5.18 \(installed: 4.46.3\)"):
         load_depth_pro(apple_pt)
 
 

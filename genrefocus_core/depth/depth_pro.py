@@ -101,7 +101,7 @@ def _transformers_depth_pro():
         from transformers import DepthProConfig, DepthProForDepthEstimation
     except ImportError:
         import transformers
-        raise ModelFileError(f"Depth Pro needs transformers >= 4.49 (installed: {transformers.__version__}); "
+        raise ModelFileError(f"Depth Pro needs transformers >= 5.18 (installed: {transformers.__version__}); "
                              "upgrade it: pip install -U transformers") from None
     return DepthProConfig, DepthProForDepthEstimation
 
