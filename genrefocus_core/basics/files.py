@@ -109,8 +109,7 @@ def _probe_writable(folder: Path, what: str) -> None:
     """Create and remove a file in `folder` (os.access says yes to root on read-only places)."""
     probe = _temp_name(folder / "probe")
     try:
-        with open(probe, "xb"):
-            pass
+        probe.touch(exist_ok=False)  # O_CREAT | O_EXCL, like the temporary files
     except OSError as e:
         raise OutputError(f"{what}: cannot write in the folder {folder} ({e.strerror or e}).") from None
     with contextlib.suppress(OSError):
