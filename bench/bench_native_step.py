@@ -5,7 +5,7 @@ on the same mid-size random FLUX (bench_step.MID_CONFIG, rank-64 LoRA), fp32 on 
 Both sides run the same `sampling.denoise` step from the same inputs; the BFL model is the diffusers one's
 weights converted to BFL's layout (tests/flux_files.py) in plain torch modules with ComfyUI's attribute
 names (tests/bfl_flux.py), so the timing compares the two layout adapters, not ComfyUI's ops. Sides alternate
-at every repetition (load from other processes hits both alike); medians are printed with the outputs'
+at every repetition, who goes first too (load from other processes hits both alike); medians are printed with the outputs'
 largest difference (must be below 1e-4).
 
     python bench/bench_native_step.py --threads 2 --repeats 7
@@ -87,8 +87,9 @@ def main(argv=None) -> int:
             for stage in args.stages:
                 times = {"diffusers": [], "native": []}
                 out = {}
+                sides = [("diffusers", diffusers_model), ("native", native)]
                 for r in range(args.repeats + 1):
-                    for side, model in (("diffusers", diffusers_model), ("native", native)):
+                    for side, model in (sides if r % 2 else sides[::-1]):  # who goes first alternates
                         t0 = time.perf_counter()
                         out[side] = step(model, stage, size, config)
                         if r:

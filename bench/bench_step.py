@@ -9,6 +9,9 @@ Variants, timed in the same run on the same inputs (outputs compared):
 - ours: genrefocus_core.generative.sampling.denoise / multi_branch_forward;
 - emulated: the same forward with what the reference computes: LoRA deltas on every branch (peft runs
   them at scale 0 for text/image) and one dense masked attention over the whole sequence;
+- native: the same forward on ComfyUI's FLUX layout (BFL: fused qkv / linear1, LoRA as deltas on
+  output slices), the mid model's weights converted into plain torch modules with ComfyUI's names
+  (`bench_native_step.bfl_twin`; mid model only);
 - reference: the official Genfocus `transformer_forward`, imported at run time from the directory in
   $GENFOCUS_REFERENCE_DIR (a checkout of github.com/rayray9999/Genfocus; never part of this project).
 
@@ -18,7 +21,8 @@ also within a tiled step); a step's time is the sum of its forwards. Each case r
 untimed and `--repeats` timed steps per variant; min / median / max of the wall-clock seconds and
 the median CPU seconds of this process (less sensitive to other processes) are printed with the
 1-minute load average at the start and end of the case; "speedup" is the ratio of medians,
-reference (or emulated, when the reference is not available) over ours. FLOPs per step are counted analytically (multiply-add = 2) and split into attention, base
+reference (or emulated, when the reference is not available) over ours (and over native, after a
+slash). FLOPs per step are counted analytically (multiply-add = 2) and split into attention, base
 matmuls and LoRA, for our computation and for the reference's.
 
     python bench/bench_step.py                      # everything (several minutes on 2 cores)
@@ -323,7 +327,7 @@ def reference_step(reference, model, latents, conds, text, pooled, text_ids, row
 
 # ------------------------------------------------------------------------------------------ main
 
-def run_case(model, config, rank, size, stage, variants, reference, repeats, warmup=1):
+def run_case(model, config, rank, size, stage, variants, reference, repeats, warmup=1, native=None):
     n, guidance = STAGES[stage]
     rows = cols = size // 16
     tiled = size > 512
@@ -342,10 +346,11 @@ def run_case(model, config, rank, size, stage, variants, reference, repeats, war
             pred = reference_step(reference, model, latents, conds, text, pooled, text_ids, rows, cols,
                                   guidance, tiled, sigma)
             return latents + (0.0 - 1.0) * pred
-        constants = mbf.prepare_constants(model, text, pooled, conds, [("bokeh",)] * n, torch.float32)
+        net = native if variant == "native" else model
+        constants = mbf.prepare_constants(net, text, pooled, conds, [("bokeh",)] * n, torch.float32)
         inputs = DenoiseInputs(constants, text_ids, rows, cols, [position_ids(rows, cols)] * n,
                                [True] * n, guidance)
-        return denoise(model, latents, inputs, settings)
+        return denoise(net, latents, inputs, settings)
 
     times, cpu = {v: [] for v in variants}, {v: [] for v in variants}
     ctx = emulate_reference() if "emulated" in variants else contextlib.nullcontext()
@@ -402,21 +407,28 @@ def main(argv=None) -> int:
         for model_kind in args.models.split(","):
             model, config = make_model(model_kind, args.rank, Path(tmp))
             rank = 4 if model_kind == "tiny" else args.rank
+            native = None
+            if "native" in variants:
+                if model_kind == "tiny":
+                    raise SystemExit("the native variant runs on the mid model only")
+                from bench_native_step import bfl_twin
+                native = bfl_twin(model, config, Path(tmp) / f"mid_rank{rank}.safetensors")
             for size in [int(s) for s in args.sizes.split(",")]:
                 for stage in args.stages.split(","):
                     res, res_cpu, fo, fr, diffs, fwd, load = run_case(model, config, rank, size, stage, variants, reference,
-                                                                args.repeats, args.warmup)
+                                                                args.repeats, args.warmup, native)
 
                     medians = {v: r[1] for v, r in res.items()}
 
                     def speedup(r):
                         base = r.get("reference", r.get("emulated"))
-                        return f"{base / r['ours']:.2f}x" if base and "ours" in r else "-"
+                        ratios = [f"{base / r[v]:.2f}x" for v in ("ours", "native") if base and v in r]
+                        return "/".join(ratios) or "-"
 
                     g = lambda f: "/".join(f"{f[k] / 1e9:.1f}" for k in ("attention", "base_matmul", "lora"))  # noqa: E731
                     print(f"{model_kind:5} {size:5d} {stage:6} {fwd:3d} " + " ".join(f"{'/'.join(f'{x:.3f}' for x in res[v]):>24}" for v in variants)
-                          + f"  {speedup(medians):>7} | " + " ".join(f"{res_cpu[v]:14.3f}" for v in variants)
-                          + f"  {speedup(res_cpu):>7} | {g(fo):>24} | {g(fr):>24} | "
+                          + f"  {speedup(medians):>11} | " + " ".join(f"{res_cpu[v]:14.3f}" for v in variants)
+                          + f"  {speedup(res_cpu):>11} | {g(fo):>24} | {g(fr):>24} | "
                           + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
                           + f" | {load[0]:.1f}->{load[1]:.1f}", flush=True)
     return 0

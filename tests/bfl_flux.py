@@ -1,7 +1,7 @@
 """A BFL-layout FLUX made of plain torch modules (the attribute names of ComfyUI's
 comfy.ldm.flux.model.Flux), loaded from the shared tiny weights, to test `flux_layouts.BflLayout`
 without ComfyUI. The math of each small module is FLUX's own (RMS norm with eps 1e-6 and a learned
-scale, LayerNorm without affine, tanh GELU)."""
+scale, torch's fused kernel as ComfyUI calls it, LayerNorm without affine, tanh GELU)."""
 from __future__ import annotations
 
 import json
@@ -18,9 +18,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
+    def forward(self, x):  # torch's fused RMS norm, as ComfyUI's comfy.rmsnorm calls it
+        return torch.nn.functional.rms_norm(x, self.scale.shape, weight=self.scale.to(x.dtype), eps=1e-6)
 
 
 class QKNorm(nn.Module):

@@ -78,20 +78,25 @@ def _is_peft_layer(module) -> bool:
     return is_lora_layer(module)
 
 
+def sequence_rows(x: torch.Tensor, y: torch.Tensor, start: int, stop: int):
+    """Tokens start:stop of a layer's input x [..., S, in] and output y [..., S, out], as one 2-D
+    (x rows, y rows) pair per sequence: a 3-D slice of the token axis is not contiguous, and torch
+    runs a linear layer on it through bmm with a copy (the 2-D matmul on the same rows needs neither)."""
+    x3, y3 = x.reshape(-1, *x.shape[-2:]), y.view(-1, *y.shape[-2:])
+    return zip(x3[:, start:stop], y3[:, start:stop])
+
+
 def lora_linear(module: torch.nn.Module, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
     """A peft-wrapped linear layer: base projection of all of `x` [..., S, in] plus, for each segment,
     the LoRA delta `lora_B(lora_A(x))` of each listed adapter at scale 1."""
     if not _is_peft_layer(module):
         return module(x)
     y = module.get_base_layer()(x)
-    # one 2-D slice per sequence: a 3-D slice of the token axis is not contiguous, and torch runs it
-    # through bmm with a copy (the 2-D matmul on the same rows needs neither)
-    x3, y3 = x.reshape(-1, *x.shape[-2:]), y.view(-1, *y.shape[-2:])
     for start, stop, adapters in segments:
         for name in adapters:
             if name not in module.lora_A:
                 continue
-            for xs, ys in zip(x3[:, start:stop], y3[:, start:stop]):
+            for xs, ys in sequence_rows(x, y, start, stop):
                 ys += module.lora_B[name](module.lora_A[name](module.lora_dropout[name](xs))).to(y.dtype)
     return y
 

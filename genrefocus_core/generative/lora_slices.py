@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..basics.errors import ModelFileError
+from .flux_layouts import sequence_rows
 from .flux_loading import bfl_transformer_key_plan
 from .lora import read_lora_file
 from .model_files import file_stamp
@@ -120,13 +121,10 @@ class LoraSlices(torch.nn.Module):
         if not per:
             return
         for start, stop, adapters in segments:
-            xs = x[..., start:stop, :]
             for name in adapters:
                 for key_a, key_b, rows in per.get(name, ()):
-                    a = getattr(self, key_a).to(device=xs.device, dtype=xs.dtype)
-                    b = getattr(self, key_b).to(device=xs.device, dtype=xs.dtype)
-                    delta = F.linear(F.linear(xs, a), b).to(y.dtype)
-                    if rows is None:
-                        y[..., start:stop, :] += delta
-                    else:
-                        y[..., start:stop, rows[0]:rows[1]] += delta
+                    a = getattr(self, key_a).to(device=x.device, dtype=x.dtype)
+                    b = getattr(self, key_b).to(device=x.device, dtype=x.dtype)
+                    cols = slice(None) if rows is None else slice(*rows)
+                    for xs, ys in sequence_rows(x, y, start, stop):
+                        ys[:, cols] += F.linear(F.linear(xs, a), b).to(y.dtype)
