@@ -80,4 +80,4 @@ class GenRefocusClassicalBokeh:
 
 
 NODE_CLASS_MAPPINGS = {"GenRefocusClassicalBokeh": GenRefocusClassicalBokeh}
-NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusClassicalBokeh": "Bokeh Lens Blur (GenRefocus)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusClassicalBokeh": "Bokeh Lens Blur, DOF (GenRefocus)"}

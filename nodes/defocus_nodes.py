@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from genrefocus_core.basics.defocus import (FOCUS_MODES, MAX_COC, Lens, build_defocus, in_focus_mask,
-                                            resolve_focus)
+from genrefocus_core.basics.defocus import (FOCUS_MODES, MAX_COC, MAX_TILT, FocusTilt, Lens, build_defocus,
+                                            in_focus_mask, resolve_focus)
 from genrefocus_core.basics.errors import InputError
 from genrefocus_core.basics.images import to_image_batch, to_map_batch
 
@@ -54,8 +54,8 @@ class GenRefocusDefocusMap:
     DESCRIPTION = ("Defocus map: the blur radius in pixels of every pixel, zero at the focal plane. Choose the focus by "
                    "a point (click the preview), a mask, a disparity value, a distance in metres or a 0-1 depth "
                    "slider; the blur by a level K or a real lens (thin lens: f-number, focal length, sensor); "
-                   "optionally a band of depths kept sharp and separate near/far blur strength. Feeds BokehNet and "
-                   "Classical Bokeh.")
+                   "optionally a band of depths kept sharp, separate near/far blur strength and a tilted focal plane "
+                   "(tilt-shift). Feeds BokehNet and Classical Bokeh.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -112,6 +112,14 @@ class GenRefocusDefocusMap:
                                            "0 = foreground sharp).", default=1.0, min=0.0, max=10.0, step=0.01)),
                 "far_blur": ("FLOAT", tip("Strength of the blur behind the focal plane (1 = as the lens, "
                                           "0 = background sharp).", default=1.0, min=0.0, max=10.0, step=0.01)),
+                "tilt": ("FLOAT", tip("Tilt-shift: turns the focal plane about the focus point (focus_x, focus_y), "
+                                      "as a tilt lens does. How far the plane moves across the frame, as a fraction "
+                                      "of the scene's depth range: > 0 leans it back like a floor (more of the "
+                                      "ground sharp), < 0 against it (a thin sharp band: the miniature look). "
+                                      "0 = no tilt.", default=0.0, min=-MAX_TILT, max=MAX_TILT, step=0.01)),
+                "tilt_angle": ("FLOAT", tip("Direction of the line that stays sharp through the focus point, in "
+                                            "degrees: 0 = horizontal, 90 = vertical.", default=0.0, min=-90.0,
+                                            max=90.0, step=0.5)),
             },
         }
 
@@ -126,7 +134,8 @@ class GenRefocusDefocusMap:
 
     def build(self, depth: DepthMaps, focus_mode, focus_x, focus_y, focus_disparity, blur_mode, K,
               f_number, focal_length_mm, sensor_width_mm, focus_distance_m, focus_mask=None, image=None,
-              focus_depth=0.5, in_focus_range=0.0, in_focus_unit="metres", near_blur=1.0, far_blur=1.0):
+              focus_depth=0.5, in_focus_range=0.0, in_focus_unit="metres", near_blur=1.0, far_blur=1.0,
+              tilt=0.0, tilt_angle=0.0):
         if not isinstance(depth, DepthMaps):
             raise InputError("DefocusMap: 'depth' must come from a GenRefocus depth node.")
         disp = depth.disparity.float()
@@ -156,8 +165,9 @@ class GenRefocusDefocusMap:
                           value=focus_disparity, distance_m=distance, depth=focus_depth, metric=depth.metric)
         lens = Lens(f_number, focal_length_mm, sensor_width_mm) if blur_mode == "lens" else None
         band = {"in_focus_m" if in_focus_unit == "metres" else "in_focus_fraction": in_focus_range}
+        tilted = FocusTilt(float(tilt_angle), float(tilt), (float(focus_x), float(focus_y))) if tilt else None
         d = build_defocus(disp, f, K=None if lens else K, lens=lens, metric=depth.metric, near_scale=near_blur,
-                          far_scale=far_blur, **band)
+                          far_scale=far_blur, tilt=tilted, **band)
         preview = defocus_preview(d.signed_coc, image)
         ui = comfy_bridge.save_preview_images(preview, "genrefocus_defocus")
         radius = (d.signed_coc.abs() / MAX_COC).clamp(0.0, 1.0)
@@ -165,4 +175,4 @@ class GenRefocusDefocusMap:
 
 
 NODE_CLASS_MAPPINGS = {"GenRefocusDefocusMap": GenRefocusDefocusMap}
-NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusDefocusMap": "Defocus Map: Depth of Field (GenRefocus)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"GenRefocusDefocusMap": "Defocus Map: Depth of Field, Tilt-Shift (GenRefocus)"}

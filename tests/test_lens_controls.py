@@ -1,5 +1,5 @@
 """Lens controls against exact expectations on the built-in scene (exact metric depth): focus distance,
-in-focus band, near/far blur strength, apertures with holes, energy-keeping highlight boost, grain.
+in-focus band, near/far blur strength, tilt-shift, apertures with holes, energy-keeping highlight boost, grain.
 
 Tolerances: the defocus maps are a handful of float32 operations on disparities of order 1, so they
 match the closed forms to a few ulps (rtol 1e-5, atol 1e-5 px). Pixels whose blur radius is exactly 0
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from genrefocus_core.basics import apertures
-from genrefocus_core.basics.defocus import Lens, build_defocus, disparity_from_depth, resolve_focus
-from genrefocus_core.basics.scene import FAR_WALL_M, PILLAR_M, make_scene
+from genrefocus_core.basics.defocus import FocusTilt, Lens, build_defocus, disparity_from_depth, resolve_focus
+from genrefocus_core.basics.errors import InputError
+from genrefocus_core.basics.scene import CAMERA_HEIGHT_M, FAR_WALL_M, HORIZON, PILLAR_M, make_scene
 from genrefocus_core.classical.renderer import highlight_gain, render_bokeh
 
 H, W = 192, 256
@@ -211,3 +212,60 @@ def test_cat_eye_across_the_frame_clips_drawn_and_annular_apertures():
     plain = render_bokeh(img, defocus_px=d.signed_coc, aperture=apertures.annular(0.5))
     eye = render_bokeh(img, defocus_px=d.signed_coc, aperture=apertures.annular(0.5), vignetting=0.7)
     assert (plain - eye).abs().mean() > 1e-3
+
+
+def test_tilt_turns_the_focal_plane_onto_the_ground(scene):
+    """A plane's disparity is affine in image coordinates, so the tilt that follows the ground (a
+    Scheimpflug setup) leaves the whole ground sharp, while the untilted lens blurs it."""
+    image, depth, disp = scene
+    # the scene's ground: disparity (row - horizon) / (camera height * focal length in px), where visible
+    slope = 1.0 / (CAMERA_HEIGHT_M * 0.9 * W)  # disparity per row
+    rows = torch.arange(H, dtype=torch.float32)[:, None]
+    model = (rows - HORIZON * H) * slope
+    ground = ((disp - model).abs() < 1e-6) & (rows > HORIZON * H + 0.5) & (depth < FAR_WALL_M)
+    assert int(ground.sum()) > 3000
+    near, far = float(disp.max()), float(disp.min())
+    ys, xs = ground[0].nonzero().T
+    pivot = (float(xs[-1]) / (W - 1), float(ys[-1]) / (H - 1))  # a ground pixel in the bottom row
+    f = resolve_focus(disp, point=pivot, normalized=True)
+    amount = slope * (H - 1) / (near - far)
+    tilted = build_defocus(disp, f, lens=LENS, tilt=FocusTilt(0.0, amount, pivot)).signed_coc
+    plain = build_defocus(disp, f, lens=LENS).signed_coc
+    # float32 disparities of order 0.5 times K ~ 19 px per 1/m: a few 1e-6 px
+    assert float(tilted[ground].abs().max()) < 1e-4
+    assert float(plain[ground].abs().max()) > 3.0  # the untilted lens blurs the far ground by ~4 px
+    out = render_bokeh(image, defocus_px=tilted)
+    reach = int(math.ceil(float(tilted.abs().max()))) + 2
+    blurred = (tilted.abs() >= 0.5).float()[:, None]
+    clear = F.max_pool2d(blurred, 2 * reach + 1, stride=1, padding=reach)[:, 0] == 0
+    keep = ground & clear
+    assert int(keep.sum()) > 1000 and torch.equal(out[keep], image[keep])
+
+
+def test_tilt_amount_angle_and_pivot_are_exact():
+    """On a floor whose disparity spans the depth range from the top row to the bottom row, tilt 1
+    makes it all sharp, tilt -1 doubles the blur (the miniature look), and the ramp follows the
+    angle: at 90 degrees it runs left to right through the pivot."""
+    h, w = 40, 60
+    rows = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w) / (h - 1)
+    cols = torch.arange(w, dtype=torch.float64)[None, :].expand(h, w) / (w - 1)
+    floor = (0.2 + 0.6 * rows).float()[None]
+    f = floor[0, 20, 30].reshape(1)
+    pivot = (30 / (w - 1), 20 / (h - 1))
+    k = 20.0
+    exact = k * (floor.double() - f.double())  # untilted
+    for amount, factor in ((1.0, 0.0), (0.0, 1.0), (-1.0, 2.0), (0.5, 0.5)):
+        got = build_defocus(floor, f, K=k, tilt=FocusTilt(0.0, amount, pivot)).signed_coc
+        assert torch.allclose(got.double(), factor * exact, rtol=0, atol=2e-5), amount  # float32 of values ~ 12 px
+    wall = (0.2 + 0.6 * cols).float()[None]  # nearer toward the right
+    fw = wall[0, 20, 30].reshape(1)
+    got = build_defocus(wall, fw, K=k, tilt=FocusTilt(90.0, 1.0, pivot)).signed_coc
+    assert float(got.abs().max()) < 2e-5
+    got = build_defocus(wall, fw, K=k, tilt=FocusTilt(-90.0, 1.0, pivot)).signed_coc
+    assert torch.allclose(got.double(), 2 * k * (wall.double() - fw.double()), rtol=0, atol=2e-5)
+    # the pivot's own focus is kept: zero blur on the tilt line through it
+    got = build_defocus(floor, f, K=k, tilt=FocusTilt(0.0, -0.7, pivot)).signed_coc
+    assert float(got[0, 20].abs().max()) < 1e-5
+    for bad in (dict(amount=2.5), dict(amount=float("nan")), dict(angle_deg=float("inf")), dict(pivot=(1.2, 0.5))):
+        with pytest.raises(InputError):
+            FocusTilt(**{"angle_deg": 0.0, "amount": 0.5, "pivot": (0.5, 0.5), **bad})

@@ -717,8 +717,8 @@ def test_loader_with_clip_then_from_the_prompt_cache(pack, tiny_models, comfy_mo
 def test_node_and_cli_agree_on_lens_controls(pack, tmp_path):
     """The same photo, depth and lens settings through Defocus Map + Classical Bokeh and through the
     `render` command give the same image (both call the core's focus and lens rules), also when focused
-    at infinity (node: focus_distance_m 0, CLI: --focus-distance inf) and with the shared highlight
-    default. Compared after the same 8-bit rounding: identical operations, so identical bytes."""
+    at infinity (node: focus_distance_m 0, CLI: --focus-distance inf), with a tilted focal plane and
+    with the shared highlight default. Compared after the same 8-bit rounding: identical operations, so identical bytes."""
     from PIL import Image
 
     from genrefocus_core.basics.images import load_image, save_image
@@ -735,17 +735,22 @@ def test_node_and_cli_agree_on_lens_controls(pack, tmp_path):
     defaults = cli_render.build_parser().parse_args(["--image", "a", "--out", "b", "--depth", "c"])
     assert spec["highlight_boost"][1]["default"] == defaults.highlight_boost > 0  # one shared default
     assert spec["highlight_threshold"][1]["default"] == defaults.highlight_threshold
-    settings = [("6", 6.0), ("inf", 0.0)]
-    for cli_distance, node_distance in settings:
-        out = tmp_path / f"cli_{cli_distance}.png"
+    lens = {"blur_mode": "lens", "f_number": 1.4, "focal_length_mm": 200.0}
+    settings = [  # (CLI focus options, the node's focus widgets)
+        (["--focus-distance", "6"], {"focus_mode": "distance", "focus_distance_m": 6.0, **lens}),
+        (["--focus-distance", "inf"], {"focus_mode": "distance", "focus_distance_m": 0.0, **lens}),
+        # tilt-shift about a focus point (a thin sharp band turned by 20 degrees)
+        (["--focus-norm", "0.25,0.75", "--tilt", "-0.8", "--tilt-angle", "20", "--K", "6"],
+         {"focus_mode": "point", "focus_x": 0.25, "focus_y": 0.75, "K": 6.0, "tilt": -0.8, "tilt_angle": 20.0}),
+    ]
+    for i, (cli_focus, node_focus) in enumerate(settings):
+        out = tmp_path / f"cli_{i}.png"
+        cli_lens = ["--f-number", "1.4", "--focal-length", "200"] if "--K" not in cli_focus else []
         assert cli_render.main(["render", "--image", str(tmp_path / "in.png"), "--depth", str(tmp_path / "depth.npy"),
-                                "--focus-distance", cli_distance, "--f-number", "1.4", "--focal-length", "200",
-                                "--in-focus-m", "1", "--near-blur", "0.5", "--far-blur", "1.5",
+                                *cli_focus, *cli_lens, "--in-focus-m", "1", "--near-blur", "0.5", "--far-blur", "1.5",
                                 "--aperture", "annular", "--out", str(out)]) == 0
-        data = _node(pack, "GenRefocusDefocusMap").build(
-            maps, **{**DEFAULTS, "focus_mode": "distance", "blur_mode": "lens", "f_number": 1.4,
-                     "focal_length_mm": 200.0, "focus_distance_m": node_distance}, in_focus_range=1.0,
-            near_blur=0.5, far_blur=1.5)["result"][0]
+        data = _node(pack, "GenRefocusDefocusMap").build(maps, **{**DEFAULTS, **node_focus, "in_focus_range": 1.0,
+                                                                  "near_blur": 0.5, "far_blur": 1.5})["result"][0]
         ap, _ = _node(pack, "GenRefocusApertureShape").make(
             "annular", blades=6, rotation_deg=0.0, curvature=0.0, star_points=5, star_inner_ratio=0.5,
             cat_eye_strength=0.5, cat_eye_direction_deg=0.0, preview_size=16)

@@ -197,7 +197,8 @@ def signed_coc(disparity, disp_focus, K, *, band=None, near_scale: float = 1.0,
                far_scale: float = 1.0) -> torch.Tensor:
     """Signed CoC radius in pixels [B,H,W]: K * (disparity - focus); > 0 in front of focus.
 
-    K: a blur level or one per image. band: (front, back) disparity extents [B] (see `in_focus_band`)
+    disp_focus: the focal plane's disparity, one per image [B] or per pixel [B,H,W] (a tilted plane,
+    `tilted_focal_plane`). K: a blur level or one per image. band: (front, back) disparity extents [B] (see `in_focus_band`)
     of a band around the focal plane kept sharp: zero blur inside, and outside it the blur grows from
     the band's edge, K * (disparity - edge), so it stays continuous. near_scale / far_scale multiply
     the blur in front of / behind the focal plane (1 = the lens; 0 = sharp on that side).
@@ -206,7 +207,8 @@ def signed_coc(disparity, disp_focus, K, *, band=None, near_scale: float = 1.0,
     B = disp.shape[0]
     k = _per_image([check_blur_level(x) for x in torch.as_tensor(K, dtype=torch.float64).flatten().tolist()],
                    B, "Blur level K").to(disp).view(-1, 1, 1)
-    f = torch.as_tensor(disp_focus, dtype=disp.dtype, device=disp.device).reshape(-1, 1, 1)
+    f = torch.as_tensor(disp_focus, dtype=disp.dtype, device=disp.device)
+    f = f.reshape(-1, *disp.shape[1:]) if f.numel() == disp.numel() and f.numel() > B else f.reshape(-1, 1, 1)
     d = disp - f
     if band is not None:
         front, back = (torch.as_tensor(x, dtype=disp.dtype, device=disp.device).reshape(-1, 1, 1) for x in band)
@@ -268,6 +270,60 @@ def in_focus_band(focus, *, range_m: float = 0.0, range_fraction: float = 0.0, m
     return zero, zero
 
 
+MAX_TILT = 2.0  # a floor seen in the lower half of the frame needs about twice the depth range
+
+
+@dataclass(frozen=True)
+class FocusTilt:
+    """A tilted focal plane (a tilt lens, Scheimpflug): the plane turns about a pivot so that its
+    distance changes across the frame.
+
+    angle_deg: direction of the line through the pivot that stays at the pivot's focus (0 = horizontal,
+      positive = turned counter-clockwise on screen, 90 = vertical); amount: how far the focal plane
+      moves across the frame, as a fraction of the scene's depth range (the 0-1 depth slider's units;
+      a scene without depth range is not tilted), from the frame's edge on one side of that line to the
+      other. Positive: the plane comes nearer toward the bottom of the frame (angle 0; toward the right
+      at angle 90), as a floor does, so more of a receding floor is sharp; negative: against the floor,
+      a thin sharp band (the "miniature" tilt-shift look). pivot: (x, y) as
+      fractions of width and height (as the focus point: 0 and 1 are the outermost pixel centres).
+    """
+
+    angle_deg: float = 0.0
+    amount: float = 0.0
+    pivot: tuple[float, float] = (0.5, 0.5)
+
+    def __post_init__(self):
+        values = (self.angle_deg, self.amount, *self.pivot)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise InputError(f"Focus tilt: angle, amount and pivot must be finite numbers, got {self}.")
+        if not -MAX_TILT <= self.amount <= MAX_TILT:
+            raise InputError(f"Focus tilt amount must lie in [-{MAX_TILT:g}, {MAX_TILT:g}] (fractions of the depth "
+                             f"range), got {self.amount}.")
+        if not all(0.0 <= v <= 1.0 for v in self.pivot):
+            raise InputError(f"Focus tilt pivot {self.pivot} must lie in [0, 1] x [0, 1].")
+
+
+def tilted_focal_plane(focus, tilt: FocusTilt, shape: tuple[int, int, int],
+                       depth_range: tuple[float, float]) -> torch.Tensor:
+    """Disparity of a tilted focal plane at every pixel [B,H,W]: the pivot's focus [B] plus a ramp
+    across the frame. A plane in space has a disparity that is affine in image coordinates (1/Z of
+    a plane is linear in x/Z, y/Z), so an affine ramp is exactly a tilted plane seen by the camera.
+
+    The ramp runs along the normal of the tilt line; it changes by amount * (nearest - farthest) from
+    the outermost pixel centre on one side to the other (so amount 1 at angle 0 follows a floor that
+    spans the scene's depth range from the top row to the bottom row: all of it sharp)."""
+    B, H, W = shape
+    f = torch.as_tensor(focus, dtype=torch.float32).flatten()
+    theta = math.radians(tilt.angle_deg)
+    nx, ny = math.sin(theta), math.cos(theta)  # y down: angle 0 -> the ramp runs down, 90 -> to the right
+    extent = max(abs(nx) * (W - 1) + abs(ny) * (H - 1), 1.0)  # between the outermost pixel centres
+    x = torch.arange(W, dtype=torch.float64) - tilt.pivot[0] * (W - 1)
+    y = torch.arange(H, dtype=torch.float64) - tilt.pivot[1] * (H - 1)
+    along = (y[:, None] * ny + x[None, :] * nx) / extent  # spans 1 over the frame, 0 on the tilt line
+    span = float(depth_range[0]) - float(depth_range[1])  # nearest - farthest disparity, >= 0
+    return (f.view(-1, 1, 1).double() + (tilt.amount * span) * along).float()
+
+
 def in_focus_mask(signed: torch.Tensor) -> torch.Tensor:
     """[B,H,W] float 1 where the blur radius is below IN_FOCUS_RADIUS (rendered exactly sharp), else 0."""
     return (signed.abs() < IN_FOCUS_RADIUS).float()
@@ -327,7 +383,7 @@ class Lens:
 @dataclass
 class Defocus:
     """A defocus map and what made it: signed CoC radius [B,H,W] in px (> 0 in front of the focal
-    plane), focal-plane disparity [B] and blur level K [B] (per image: a lens focused elsewhere
+    plane), focal-plane disparity [B] (at the pivot of a tilted plane) and blur level K [B] (per image: a lens focused elsewhere
     blurs differently)."""
 
     signed_coc: torch.Tensor
@@ -337,10 +393,12 @@ class Defocus:
 
 def build_defocus(disparity, focus, *, K: float | None = None, lens: Lens | None = None, metric: bool = True,
                   in_focus_m: float = 0.0, in_focus_fraction: float = 0.0, near_scale: float = 1.0,
-                  far_scale: float = 1.0, depth_range: tuple[float, float] | None = None) -> Defocus:
+                  far_scale: float = 1.0, depth_range: tuple[float, float] | None = None,
+                  tilt: FocusTilt | None = None) -> Defocus:
     """The lens rules in one place (nodes and CLI): focal plane `focus` [B] (from `resolve_focus`),
-    blur level K or a thin lens focused on that plane (needs metric depth), an in-focus band and
-    near/far blur scales -> Defocus."""
+    blur level K or a thin lens focused on that plane (needs metric depth), an in-focus band,
+    near/far blur scales and a tilt of the focal plane about the pivot (`FocusTilt`; the lens's K
+    and the band are those of the pivot's focus) -> Defocus."""
     disp = to_map_batch(disparity, "disparity")
     B, H, W = disp.shape
     f = torch.as_tensor(focus, dtype=torch.float32).flatten().to(disp.device)
@@ -359,5 +417,8 @@ def build_defocus(disparity, focus, *, K: float | None = None, lens: Lens | None
         ks = _per_image(check_blur_level(20.0 if K is None else K), B, "Blur level K")
     band = in_focus_band(f, range_m=in_focus_m, range_fraction=in_focus_fraction, metric=metric, disparity=disp,
                          depth_range=depth_range)
-    coc = signed_coc(disp, f, ks, band=band, near_scale=near_scale, far_scale=far_scale)
+    plane = f
+    if tilt is not None and tilt.amount != 0.0:
+        plane = tilted_focal_plane(f, tilt, (B, H, W), disparity_range(disp) if depth_range is None else depth_range)
+    coc = signed_coc(disp, plane.to(disp.device), ks, band=band, near_scale=near_scale, far_scale=far_scale)
     return Defocus(signed_coc=coc, focus_disparity=f, K=ks)

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..basics.defocus import Defocus, Lens, build_defocus, check_blur_level, resolve_focus
+from ..basics.defocus import Defocus, FocusTilt, Lens, build_defocus, check_blur_level, resolve_focus
 from ..basics.errors import InputError
 
 
@@ -67,6 +67,11 @@ def add_focus_and_blur_options(p: argparse.ArgumentParser) -> None:
                    help="band of depths kept sharp, as a fraction of the depth range (slider units)")
     b.add_argument("--near-blur", type=float, default=1.0, help="strength of the blur in front of the focal plane")
     b.add_argument("--far-blur", type=float, default=1.0, help="strength of the blur behind the focal plane")
+    b.add_argument("--tilt", type=float, default=0.0,
+                   help="tilt-shift: how far the focal plane moves across the frame, -2..2 depth ranges "
+                        "(> 0 leans back like a floor, more of it sharp; < 0 a thin sharp band, the miniature look)")
+    b.add_argument("--tilt-angle", type=float, default=0.0,
+                   help="direction of the sharp line in degrees (0 = horizontal); it passes through the focus point")
 
 
 def focus_kwargs(args, size: tuple[int, int]) -> dict:
@@ -107,9 +112,23 @@ def lens_from_args(args) -> Lens | None:
     return Lens(args.f_number, args.focal_length, args.sensor_width)
 
 
+def tilt_from_args(args, size: tuple[int, int]) -> FocusTilt | None:
+    """The focal plane's tilt, about the focus point when one is given (else the centre)."""
+    if not args.tilt:
+        return None
+    H, W = size
+    kwargs = focus_kwargs(args, size)
+    pivot = (0.5, 0.5)
+    if "point" in kwargs:
+        x, y = kwargs["point"]
+        pivot = (x, y) if kwargs.get("normalized") else (x / max(W - 1, 1), y / max(H - 1, 1))
+    return FocusTilt(args.tilt_angle, args.tilt, pivot)
+
+
 def check_focus_and_blur(args, size: tuple[int, int]) -> None:
     """The focus and blur options' mistakes, found before any long work."""
     focus_kwargs(args, size)
+    tilt_from_args(args, size)
     lens_from_args(args)
     if args.K is not None:
         check_blur_level(args.K)
@@ -122,4 +141,4 @@ def defocus_from_args(args, disparity: torch.Tensor, metric: bool) -> Defocus:
     focus = resolve_focus(disparity, metric=metric, **kwargs)
     return build_defocus(disparity, focus, K=args.K, lens=lens_from_args(args), metric=metric,
                          in_focus_m=args.in_focus_m, in_focus_fraction=args.in_focus_fraction,
-                         near_scale=args.near_blur, far_scale=args.far_blur)
+                         near_scale=args.near_blur, far_scale=args.far_blur, tilt=tilt_from_args(args, size))

@@ -209,12 +209,15 @@ def test_template_browser_shows_a_thumbnail_for_every_workflow(comfy_server, tmp
 
 def test_search_finds_the_pack_by_artist_words_and_new_samplers_keep_a_fixed_seed(comfy_server, tmp_path):
     env = _browser_env()
-    r = _drive("search", comfy_server, tmp_path / "search.json", "bokeh", "lens blur", "depth of field", env=env)
+    r = _drive("search", comfy_server, tmp_path / "search.json", "bokeh", "lens blur", "depth of field", "DOF",
+               "tilt-shift", env=env)
     q = r["queries"]
     assert q["bokeh"][0].startswith("Bokeh Lens Blur"), q["bokeh"]  # the classical renderer before BokehNet
     assert any("BokehNet" in t for t in q["bokeh"]), q["bokeh"]
     assert q["lens blur"][0].startswith("Bokeh Lens Blur"), q["lens blur"]
     assert q["depth of field"] and "Depth of Field" in q["depth of field"][0], q["depth of field"]
+    assert q["DOF"] and q["DOF"][0].startswith("Bokeh Lens Blur, DOF"), q["DOF"]
+    assert q["tilt-shift"] and "Tilt-Shift" in q["tilt-shift"][0], q["tilt-shift"]
     # the front end's default for a "seed" input is "randomize": a new sampler must start fixed
     assert r["added"][0].startswith("Tiled Sampler"), r["added"]
     assert r["sampler"] == {"seed": 1234, "control": "fixed"}, r["sampler"]
