@@ -294,6 +294,12 @@ class GenRefocusBokehNet:
                                            "GenRefocus.")),
                 "sampler": (SAMPLER, tip(f"Settings from TiledSampler; default 28 steps, seed {BOKEH.seed} (fixed noise, as "
                                          "the paper's demo), tiling auto.")),
+                "hold_unchanged": ("BOOLEAN", tip("A batch is a clip (a focus pull): where a frame's image and blur "
+                                                  "equal the previous frame's, and no changed blur reaches, keep the "
+                                                  "previous frame's pixels, so the generated texture does not shimmer "
+                                                  "where the focus change does not reach. Off: every frame exactly "
+                                                  "as sampled. Needs the fixed (shared) noise of the default sampler.",
+                                                  default=True)),
             },
         }
 
@@ -303,7 +309,7 @@ class GenRefocusBokehNet:
     FUNCTION = "refocus"
     CATEGORY = CATEGORY
 
-    def refocus(self, genrefocus_model, vae, image, defocus, aperture=None, sampler=None):
+    def refocus(self, genrefocus_model, vae, image, defocus, aperture=None, sampler=None, hold_unchanged=True):
         model = _model(genrefocus_model)
         _require_adapter(model, BOKEH_ADAPTER.name, "BokehNet")
         if aperture is not None:
@@ -313,8 +319,8 @@ class GenRefocusBokehNet:
             raise InputError("BokehNet: 'defocus' must come from the Defocus Map node.")
         settings = _settings(sampler, BOKEH.seed)
         images, coc = broadcast_batches((to_image_batch(image, "image"), "image"), (defocus.signed_coc, "defocus"))
-        return (_run_stage(settings, lambda cb: pipe.bokeh(images, coc.abs(), aperture=aperture,
-                                                                 settings=settings, callback=cb)),)
+        return (_run_stage(settings, lambda cb: pipe.bokeh(images, coc.abs(), aperture=aperture, settings=settings,
+                                                           callback=cb, hold_unchanged=bool(hold_unchanged))),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -129,3 +129,31 @@ def test_a_still_and_one_keyframe_give_a_constant_focus(scene):
     pull = fp.focus_pull(disp, [fp.FocusKeyframe(0, "distance", (CARD_M * 1.0,))], frames=3, K=10.0)
     assert torch.allclose(pull.focus_disparity, torch.tensor(1.0 / CARD_M).expand(3))
     assert pull.K.tolist() == [10.0, 10.0, 10.0]
+
+
+def test_hold_unchanged_keeps_the_previous_output_outside_the_reach_of_a_change():
+    from genrefocus_core.basics.steady_frames import HOLD_FEATHER_PX, hold_unchanged
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(3, 40, 50, 3, generator=g)
+    images = torch.rand(1, 40, 50, 3, generator=g).expand(3, -1, -1, -1)
+    defocus = torch.full((3, 40, 50), 3.0)
+    defocus[2, 20, 25] = 6.0  # one pixel's blur grows in the last frame
+    defocus[1] += 0.01  # below the tolerance: no change
+    out = hold_unchanged(frames, images, defocus)
+    assert torch.equal(out[0], frames[0]) and torch.equal(out[1], frames[0])
+    reach, fade = 6, 2 * HOLD_FEATHER_PX  # the new frame in full within the blur radius, then a ramp to 0
+    full = (slice(20 - reach, 21 + reach), slice(25 - reach, 26 + reach))
+    assert torch.equal(out[2][full], frames[2][full])
+    far = torch.ones(40, 50, dtype=torch.bool)
+    far[20 - reach - fade:21 + reach + fade, 25 - reach - fade:26 + reach + fade] = False
+    assert torch.equal(out[2][far], frames[0][far])
+    seam = ~far
+    seam[full] = False
+    w = (out[2][seam] - frames[0][seam]) / (frames[2][seam] - frames[0][seam])
+    assert float(w.min()) > 0 and float(w.max()) < 1  # a ramp between the two
+    # a changed image is a change: nothing is held
+    moved = images.clone()
+    moved[2] = 1 - moved[2]
+    assert torch.equal(hold_unchanged(frames, moved, defocus)[2], frames[2])
+    with pytest.raises(InputError):
+        hold_unchanged(frames, images[:, :10], defocus)

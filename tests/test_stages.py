@@ -123,7 +123,7 @@ def test_focus_pull_frames_share_the_noise_so_only_the_blur_changes(pipe):
                                  frames=4, K=30.0)
     maps = pull.signed_coc(disp).abs()
     assert torch.equal(maps[0], maps[1]) and not torch.equal(maps[2], maps[3])
-    frames = pipe.bokeh(image, maps, settings=FAST_BOKEH)  # the still serves every frame
+    frames = pipe.bokeh(image, maps, settings=FAST_BOKEH, hold_unchanged=False)  # the still serves every frame
     # equal blur -> equal frames. Same inputs in one batch; a BLAS kernel may still block rows of the
     # batch differently (AVX2 vs AVX-512), so the frames agree to fp32 summation-order rounding: the
     # batched-vs-single bound below (1e-4), far under the 1e-3 the blur changes make
@@ -132,18 +132,45 @@ def test_focus_pull_frames_share_the_noise_so_only_the_blur_changes(pipe):
     assert (frames[2] - frames[3]).abs().max() > 1e-3
     # each frame is what a run on that frame alone gives: batched vs single fp32 matmuls differ in
     # summation order only (measured 2e-6; 1e-4 leaves room for other BLAS kernels)
-    alone = pipe.bokeh(image, maps[2:3], settings=FAST_BOKEH)
+    alone = pipe.bokeh(image, maps[2:3], settings=FAST_BOKEH, hold_unchanged=False)
     assert (frames[2] - alone[0]).abs().max() < 1e-4
     # changing one frame's blur leaves the other frames exactly as they were
     other = maps.clone()
     other[3] = maps[2]
-    again = pipe.bokeh(image, other, settings=FAST_BOKEH)
+    again = pipe.bokeh(image, other, settings=FAST_BOKEH, hold_unchanged=False)
     assert (again[:3] - frames[:3]).abs().max() < tol and (again[3] - frames[2]).abs().max() < tol
     # with independent noise per image the equal-blur frames differ: the test above can fail
     independent = pipe.bokeh(image, maps[:2], settings=SamplerSettings(steps=2, seed=1234, batch_noise="independent"))
     assert (independent[0] - independent[1]).abs().max() > 1e-2
     with pytest.raises(InputError, match="batch_noise"):
         pipe.bokeh(image, maps, settings=SamplerSettings(steps=2, batch_noise="per frame"))
+
+
+def test_focus_pull_frames_differ_only_where_the_blur_differs(pipe):
+    """A clip whose blur changes in one corner only: with the fixed noise and the hold (the default),
+    the frames differ only where the blur changed and where that corner's light can land (its radius
+    plus the feathered seam); there the frame is exactly as sampled. Without the hold, the tiny
+    transformer's global attention moves every pixel a little: what the hold is for."""
+    image = _image(48, 48)
+    base = torch.full((48, 48), 2.0)
+    grown = base.clone()
+    grown[:8, :8] = 5.0  # the corner's blur radius grows from 2 to 5 px
+    maps = torch.stack([base, base, grown])
+    held = pipe.bokeh(image, maps, settings=FAST_BOKEH)
+    raw = pipe.bokeh(image, maps, settings=FAST_BOKEH, hold_unchanged=False)
+    # reach of the corner: radius 5 px, grown by the feather (4 px) and faded over 4 more: 13 px
+    untouched = torch.ones(48, 48, dtype=torch.bool)
+    untouched[:8 + 13, :8 + 13] = False
+    assert torch.equal(held[1], held[0])
+    assert torch.equal(held[2][untouched], held[1][untouched])
+    assert (held[2][:8, :8] - held[1][:8, :8]).abs().max() > 1e-3
+    assert torch.equal(held[2][:13, :13], raw[2][:13, :13])  # within the reach: the frame as sampled
+    assert (raw[2][untouched] - raw[1][untouched]).abs().max() > 1e-5  # without the hold: everywhere
+    # frames from different images are never held: the second frame is its own run
+    other = _image(48, 48, seed=5)
+    two = pipe.bokeh(torch.cat([image, other]), torch.stack([base, base]), settings=FAST_BOKEH)
+    alone = pipe.bokeh(other, base, settings=FAST_BOKEH)
+    assert (two[1] - alone[0]).abs().max() < 1e-4  # batched vs single: fp32 summation order
 
 
 def test_bokeh_depends_on_the_defocus_map(pipe):

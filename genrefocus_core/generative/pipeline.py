@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import lora as lora_files
 from .condition_tokens import (ConditionTokens, encode_condition, pack_latents, token_grid, unpack_latents, vae_codec,
                                vae_decode)
+from ..basics import steady_frames
 from ..basics.defocus import network_condition
 from ..basics.errors import InputError, ModelFileError
 from ..basics.images import bchw_to_bhwc, bhwc_to_bchw, crop, pad_to_multiple, to_image_batch, to_map_batch
@@ -237,13 +238,14 @@ class GenRefocusPipeline:
         return self._decode(final, rows, cols, size)
 
     def bokeh(self, aif_image, defocus_px, aperture=None, settings: SamplerSettings = SamplerSettings(seed=BOKEH.seed),
-              callback: ProgressCallback | None = None) -> torch.Tensor:
+              callback: ProgressCallback | None = None, hold_unchanged: bool = True) -> torch.Tensor:
         """Refocused image [B, H, W, 3] from the all-in-focus image and the defocus map [B, H, W]
         (|K * (disparity - focus disparity)| in px, `defocus.defocus_map`; a single map serves a whole
         batch, and a single image serves a batch of maps: a still refocused frame by frame, as in a
         focus pull). Images whose defocus map is all zero (K = 0) are returned unchanged without sampling.
         `aperture`: an apertures.Aperture (anything with `.condition_image(h, w)`) -> needs the
-        aperture adapter.
+        aperture adapter. hold_unchanged: a batch is a clip; with shared noise each frame keeps the
+        previous output wherever its inputs leave it unchanged (`steady_frames.hold_unchanged`).
         """
         settings = settings.validated()
         image = to_image_batch(aif_image, "all-in-focus image")
@@ -289,5 +291,7 @@ class GenRefocusPipeline:
         out = self._decode(final, rows, cols, size)
         if bool(in_focus.any()):
             out[in_focus] = image[in_focus].to(out.dtype)
+        if hold_unchanged and B > 1 and settings.rng == "local" and settings.batch_noise == "shared":
+            out = steady_frames.hold_unchanged(out, image.to(out.dtype), defocus.to(out.dtype))
         return out
 
