@@ -157,3 +157,27 @@ def test_hold_unchanged_keeps_the_previous_output_outside_the_reach_of_a_change(
     assert torch.equal(hold_unchanged(frames, moved, defocus)[2], frames[2])
     with pytest.raises(InputError):
         hold_unchanged(frames, images[:, :10], defocus)
+
+
+def test_a_pull_with_lens_controls_is_defocus_map_frame_by_frame(scene):
+    """Lens, in-focus band and near/far strength through a pull: every frame equals what
+    `build_defocus` (Defocus Map's rules) gives for that frame's focal plane; the lens's blur
+    follows the focus distance (focus breathing of the blur)."""
+    from genrefocus_core.basics.defocus import Lens, build_defocus
+    image, depth, disp = scene
+    lens = Lens(1.8, 85.0)
+    pull = fp.focus_pull(disp, f"0: distance {PILLAR_M}\nlast: distance {FAR_WALL_M} linear", frames=5, lens=lens,
+                         in_focus_m=1.0, near_scale=0.5, far_scale=1.5)
+    d = pull.defocus(disp)
+    for i in range(5):
+        one = build_defocus(disp, pull.focus_disparity[i:i + 1], lens=lens, in_focus_m=1.0, near_scale=0.5,
+                            far_scale=1.5)
+        assert torch.equal(d.signed_coc[i], one.signed_coc[0]) and d.K[i] == one.K[0]
+    assert float(d.K[0]) > float(d.K[-1])  # nearer focus, more blur per 1/m: the lens's blur breathes
+    assert bool((d.signed_coc[0][(depth[0] >= PILLAR_M - 0.5 + 1e-3) & (depth[0] <= PILLAR_M + 0.5 - 1e-3)] == 0).all())
+    with pytest.raises(InputError, match="lens"):
+        fp.focus_pull(disp, "0: depth 0 K=30", frames=2, lens=lens)
+    with pytest.raises(InputError, match="metric"):
+        fp.focus_pull(disp, "0: depth 0", frames=2, lens=lens, metric=False)
+    with pytest.raises(InputError):
+        fp.focus_pull(disp, "0: depth 0", frames=2, near_scale=float("nan"))

@@ -490,6 +490,12 @@ def test_scene_clip_focus_pull_and_classical_bokeh(pack):
     assert data.K.tolist() == pytest.approx([20.0, 22.5, 25.0, 27.5, 30.0])
     direct = pull.pull(depth, keys, 5, 20.0, "ease-in-out")["result"][0]
     assert torch.equal(direct.signed_coc, data.signed_coc)
+    # Defocus Map's lens controls on every frame: a real lens (its blur follows the focus), band, near/far
+    lensed = pull.pull(depth, f"0: distance {PILLAR_M}\nlast: depth 1", 5, 20.0, "linear", blur_mode="lens",
+                       f_number=1.8, focal_length_mm=85.0, in_focus_range=1.0, near_blur=0.5)["result"][0]
+    assert lensed.signed_coc[0][depth_m == PILLAR_M].abs().max() == 0 and float(lensed.K[0]) > float(lensed.K[4])
+    with pytest.raises(InputError, match="lens"):
+        pull.pull(depth, "0: depth 1 K=3", 5, 20.0, "linear", blur_mode="lens")
     (frames,) = bokeh.render(image, data, 0.0, 0.9, "srgb")  # the still serves every frame
     assert frames.shape == (5, 64, 96, 3)
     pillar = depth_m == PILLAR_M

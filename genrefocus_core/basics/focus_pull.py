@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .defocus import Defocus, check_blur_level, disparity_range, resolve_focus, signed_coc
+from .defocus import Defocus, Lens, build_defocus, check_blur_level, disparity_range, resolve_focus
 from .errors import InputError
 from .images import to_map_batch
 
@@ -74,10 +74,20 @@ class FocusKeyframe:
 
 @dataclass
 class FocusPull:
-    """Per-frame focal planes: focus_disparity [N] (1/m for metric depth) and K [N] (px per 1/m)."""
+    """Per-frame focal planes: focus_disparity [N] (1/m for metric depth) and K [N] (px per 1/m), and
+    the lens controls every frame shares (`defocus.build_defocus`'s: a thin lens instead of K, an
+    in-focus band, near/far blur strength; the band's fraction and the slider are of the clip's
+    depth range)."""
 
     focus_disparity: torch.Tensor
     K: torch.Tensor
+    lens: Lens | None = None
+    in_focus_m: float = 0.0
+    in_focus_fraction: float = 0.0
+    near_scale: float = 1.0
+    far_scale: float = 1.0
+    metric: bool = True
+    depth_range: tuple[float, float] | None = None
 
     @property
     def frames(self) -> int:
@@ -85,12 +95,19 @@ class FocusPull:
 
     def signed_coc(self, disparity) -> torch.Tensor:
         """Signed CoC radius [N,H,W] in px of every frame; a single disparity map serves every frame."""
-        disp = to_map_batch(disparity, "disparity", batch=self.frames)
-        return signed_coc(disp, self.focus_disparity, self.K)
+        return self.defocus(disparity).signed_coc
 
     def defocus(self, disparity) -> Defocus:
-        """The clip's defocus maps, as Defocus Map makes them for one image (BokehNet, Classical Bokeh)."""
-        return Defocus(signed_coc=self.signed_coc(disparity), focus_disparity=self.focus_disparity, K=self.K)
+        """The clip's defocus maps, each frame as Defocus Map makes one for one image (BokehNet,
+        Classical Bokeh); with a lens, K follows the focus distance frame by frame."""
+        disp = to_map_batch(disparity, "disparity", batch=self.frames)
+        frames = [build_defocus(disp[i:i + 1], self.focus_disparity[i:i + 1],
+                                K=None if self.lens else float(self.K[i]), lens=self.lens, metric=self.metric,
+                                in_focus_m=self.in_focus_m, in_focus_fraction=self.in_focus_fraction,
+                                near_scale=self.near_scale, far_scale=self.far_scale, depth_range=self.depth_range)
+                  for i in range(self.frames)]
+        return Defocus(signed_coc=torch.cat([d.signed_coc for d in frames]), focus_disparity=self.focus_disparity,
+                       K=torch.cat([d.K for d in frames]))
 
 
 def check_easing(easing: str) -> str:
@@ -193,14 +210,17 @@ def resolve_keyframe(disparity: torch.Tensor, key: FocusKeyframe, metric: bool,
 
 
 def focus_pull(disparity, keyframes, frames: int = 0, K: float = 20.0, easing: str = "ease-in-out",
-               metric: bool = True) -> FocusPull:
+               metric: bool = True, lens: Lens | None = None, in_focus_m: float = 0.0, in_focus_fraction: float = 0.0,
+               near_scale: float = 1.0, far_scale: float = 1.0) -> FocusPull:
     """Per-frame focal planes and blur levels for a clip.
 
     disparity: [B,H,W] of the clip's frames (B = frames), or one map [1,H,W] for a still.
     keyframes: keyframe text or FocusKeyframe objects; frames at or past the clip's end are an error.
     frames: length of the clip (0 = the disparity batch). K: the blur level until a keyframe sets one.
     easing: the easing of keyframes that name none. metric: whether the disparity is in 1/m (needed
-    for distance keyframes).
+    for distance keyframes and a lens). lens: a thin lens instead of K (its blur follows the focus
+    distance; keyframes may not set K then); in_focus_m / in_focus_fraction, near_scale / far_scale:
+    as `defocus.build_defocus`, for every frame.
     """
     disp = to_map_batch(disparity, "disparity")
     n = clip_length(int(disp.shape[0]), frames)
@@ -211,14 +231,29 @@ def focus_pull(disparity, keyframes, frames: int = 0, K: float = 20.0, easing: s
     if late:
         raise InputError(f"Focus keyframes at frame(s) {late} lie past the clip's last frame {n - 1} "
                          f"(frames are counted from 0).")
+    if lens is not None:
+        with_k = [k.frame for k in keys if k.K is not None]
+        if with_k:
+            raise InputError(f"Keyframe(s) at frame {with_k} set K, but the blur comes from the lens (f-number and "
+                             "focal length); remove K= or use the blur level K instead of the lens.")
+        if not metric:
+            raise InputError("Lens blur needs metric depth (1/m disparity); this depth is relative. Give the blur "
+                             "level K instead, or use a metric depth source.")
     depth_range = disparity_range(disp)  # one slider for the whole clip
     focus = [resolve_keyframe(disp[k.frame if disp.shape[0] > 1 else 0][None], k, metric, depth_range) for k in keys]
     blur = []
     for k in keys:
         blur.append(K if k.K is None else float(k.K))
         K = blur[-1]
-    return FocusPull(*interpolate([k.frame for k in keys], [(f, b) for f, b in zip(focus, blur)],
-                                  [k.easing or easing for k in keys], n))
+    track = interpolate([k.frame for k in keys], [(f, b) for f, b in zip(focus, blur)],
+                        [k.easing or easing for k in keys], n)
+    pull = FocusPull(*track, lens=lens, in_focus_m=in_focus_m, in_focus_fraction=in_focus_fraction,
+                     near_scale=near_scale, far_scale=far_scale, metric=metric, depth_range=depth_range)
+    # the controls' mistakes now, not after the caller's first long step
+    build_defocus(disp[:1, :1, :1], pull.focus_disparity[:1], K=None if lens else float(pull.K[0]), lens=lens,
+                  metric=metric, in_focus_m=in_focus_m, in_focus_fraction=in_focus_fraction, near_scale=near_scale,
+                  far_scale=far_scale, depth_range=depth_range)
+    return pull
 
 
 def interpolate(key_frames: list[int], key_values: list[tuple[float, ...]], easings: list[str],
