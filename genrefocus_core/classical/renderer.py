@@ -485,9 +485,9 @@ class _LevelRenderer:
         return torch.fft.ifft2(spec, out=spec)[..., : grid.h, : grid.w]
 
     def render_coarse_run(self, indices: list[int]) -> list[torch.Tensor | None]:
-        """`render_coarse` of several levels on one lattice, consecutive in idx: their entries are one
-        slice of the sorted list, splatted in one pass and convolved by batched FFTs (in chunks of at
-        most COARSE_BATCH_BYTES of transforms)."""
+        """`render_coarse` of several levels on one lattice, consecutive in idx: splatted level by level
+        into one batch and convolved by batched FFTs (in chunks of at most COARSE_BATCH_BYTES of
+        transforms)."""
         if self.regions:
             return [self.render_coarse(i) for i in indices]
         grid = self.grids[self.levels[abs(indices[0])].scale]
@@ -501,12 +501,11 @@ class _LevelRenderer:
             a, b = self.offsets[chunk[0] + self.n], self.offsets[chunk[-1] + self.n + 1]
             if a == b:
                 continue
-            counts = torch.tensor([self.offsets[i + self.n + 1] - self.offsets[i + self.n] for i in chunk])
-            which = torch.repeat_interleave(torch.arange(len(chunk)), counts).to(self.device)
-            ent = (which * self.B if self.b is None else which * self.B + self.b[a:b], self.y[a:b], self.x[a:b],
-                   self.values[a:b])
+            counts = [self.offsets[i + self.n + 1] - self.offsets[i + self.n] for i in chunk]
             planes = torch.zeros(len(chunk) * self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
-            self._splat(ent, grid, planes)
+            for k, i in enumerate(chunk):
+                if counts[k] > 0:
+                    self._splat(self._entries(i), grid, planes[k * self.B:(k + 1) * self.B])
             spec = torch.fft.fft2(planes, out=planes).view(len(chunk), self.B, 2, lh, lw)
             for k, i in enumerate(chunk):
                 spec[k] *= self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
@@ -517,23 +516,53 @@ class _LevelRenderer:
         return [out.get(i) for i in indices]
 
     def _splat(self, ent, grid: _Grid, planes: torch.Tensor) -> None:
-        """Bilinear splat of the entries onto the lattice (the adjoint of bilinear interpolation with
-        align_corners=False, so splat + interpolation keeps each pixel's energy and centroid)."""
+        """Bilinear splat of the entries onto the lattice, added into planes [B,2,lh,lw] (the adjoint of
+        bilinear interpolation with align_corners=False, so splat + interpolation keeps each pixel's
+        energy and centroid). The entries are drawn at full resolution into their box, aligned to whole
+        cells, and the box is reduced cell by cell with the splat's weights (`_splat_reduce`): dense
+        passes over the box cost far less than scattering every entry into four cells."""
         b, y, x, vals = ent
         s = grid.scale
-        lh, lw = planes.shape[-2:]
-        u = (y - grid.y0).to(torch.float32).add_(0.5).div_(s).sub_(0.5)
-        v = (x - grid.x0).to(torch.float32).add_(0.5).div_(s).sub_(0.5)
-        iu, iv = u.floor(), v.floor()
-        tu, tv = u - iu, v - iv
-        base = iu.long() * lw + iv.long()
+        by0, by1 = (int(y.min()) - grid.y0) // s, (int(y.max()) - grid.y0) // s + 1  # cells of the box
+        bx0, bx1 = (int(x.min()) - grid.x0) // s, (int(x.max()) - grid.x0) // s + 1
+        hb, wb = (by1 - by0) * s, (bx1 - bx0) * s
+        box = torch.zeros(planes.shape[0], 2, hb, wb, dtype=vals.dtype, device=vals.device)
+        pos = (y - (grid.y0 + by0 * s)).long() * wb + (x - (grid.x0 + bx0 * s))
         if b is not None:
-            base += b.long() * (2 * lh * lw)
-        plane = torch.tensor([0, lh * lw], device=base.device)
-        vals = vals * (1.0 / (s * s))
-        flat = planes.view(-1)
-        for dpos, wgt in ((0, (1 - tu) * (1 - tv)), (1, (1 - tu) * tv), (lw, tu * (1 - tv)), (lw + 1, tu * tv)):
-            flat.index_add_(0, (base[:, None] + (plane + dpos)).flatten(), (vals * wgt[:, None]).flatten())
+            pos += b.long() * (2 * hb * wb)
+        plane = torch.tensor([0, hb * wb], device=pos.device)
+        box.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
+        planes[:, :, by0 - 1:by1 + 1, bx0 - 1:bx1 + 1] += _splat_reduce(box, s)
+
+
+def _splat_phases(scale: int, device) -> torch.Tensor:
+    """[scale, 3] complex: the bilinear splat weight (over scale, one axis) of a pixel at phase q of its
+    cell onto the cell before, its own and the one after. Its offset from its cell's centre in cells
+    is f - 0.5 (f = (q + 0.5) / scale); the nearer neighbour gets |f - 0.5|, its own cell the rest."""
+    w = torch.zeros(scale, 3, dtype=torch.float64)
+    for q in range(scale):
+        f = (q + 0.5) / scale
+        side = 0 if f < 0.5 else 2
+        w[q, side] = abs(f - 0.5)
+        w[q, 1] = 1.0 - abs(f - 0.5)
+    return (w / scale).to(device=device, dtype=torch.complex64)
+
+
+def _splat_reduce(box: torch.Tensor, scale: int) -> torch.Tensor:
+    """Complex planes [..., h*scale, w*scale] of whole cells -> their bilinear splat [..., h+2, w+2] onto
+    the cells, one cell of spill on each side (separable: along x, then along y)."""
+    phases = _splat_phases(scale, box.device)
+    *lead, hs, ws = box.shape
+    h, w = hs // scale, ws // scale
+    px = box.view(*lead, hs, w, scale) @ phases  # [..., hs, w, 3]: to the cell before, own, after
+    cols = torch.zeros(*lead, hs, w + 2, dtype=box.dtype, device=box.device)
+    for k in range(3):
+        cols[..., k:k + w] += px[..., k]
+    py = phases.T @ cols.view(*lead, h, scale, w + 2)  # [..., h, 3, w + 2]
+    out = torch.zeros(*lead, h + 2, w + 2, dtype=box.dtype, device=box.device)
+    for k in range(3):
+        out[..., k:k + h, :] += py[..., k, :]
+    return out
 
 
 def _sum_canvases(parts: list[LevelCanvas], batch: int) -> LevelCanvas | None:
