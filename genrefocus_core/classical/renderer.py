@@ -79,12 +79,16 @@ EXACT_TOLERANCE = 1e-5
 
 
 def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x <= 0.04045, x / 12.92, ((x.clamp_min(0) + 0.055) / 1.055) ** 2.4)
+    # in place on one new tensor (same operations as the textbook formula, fewer frame-sized passes)
+    curve = x.clamp_min(0).add_(0.055).div_(1.055).pow_(2.4)
+    return torch.where(x <= 0.04045, x / 12.92, curve, out=curve)
 
 
-def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(0.0, 1.0)
-    return torch.where(x <= 0.0031308, x * 12.92, 1.055 * x.clamp_min(1e-12) ** (1 / 2.4) - 0.055)
+def linear_to_srgb(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """inplace: x may be overwritten (the renderer's own output)."""
+    x = x.clamp_(0.0, 1.0) if inplace else x.clamp(0.0, 1.0)
+    curve = x.clamp_min(1e-12).pow_(1 / 2.4).mul_(1.055).sub_(0.055)
+    return torch.where(x <= 0.0031308, x.mul_(12.92), curve, out=curve)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,21 +143,22 @@ def level_weights(radius_abs: torch.Tensor, levels: list[Level]) -> tuple[torch.
     radii = torch.tensor([lv.radius for lv in levels], dtype=torch.float32, device=dev)
     n = len(levels) - 1
     r = radius_abs.to(torch.float32).clamp(0.0, levels[-1].radius)
-    lo = (torch.searchsorted(radii, r.contiguous(), right=True) - 1).clamp(0, max(n - 1, 0))
+    lo = torch.searchsorted(radii, r.contiguous(), right=True).sub_(1).clamp_(0, max(n - 1, 0))
     if n == 0:
         return lo, torch.ones_like(r), torch.zeros_like(r)
     # per interval (level i, i + 1): r1, 1 / w1, norm1, r2, 1 / w2, norm2; since r1 <= r <= r2 and the
     # ramps are at least the spacing, a1 = f2 - 0.5 = min((r2 - r) / w2, 0.5), a2 = min((r - r1) / w1, 0.5)
     table = torch.tensor([[lv.radius, 1.0 / max(lv.ramp, 1e-6), lv.plateau_norm] for lv in levels], dtype=torch.float32)
-    table = torch.cat([table[:-1], table[1:]], dim=1).to(dev)
-    r1, iw1, n1, r2, iw2, n2 = table.index_select(0, lo.flatten()).view(*r.shape, 6).unbind(-1)
-    e1 = ((r2 - r) * iw2).clamp_max_(0.5).mul_(n1)
-    e2 = ((r - r1) * iw1).clamp_max_(0.5).mul_(n2)
-    w_hi = e2 / (e1 + e2).clamp_min_(1e-12)
+    table = torch.cat([table[:-1], table[1:]], dim=1).T.contiguous().to(dev)
+    flat = lo.flatten()
+    r1, iw1, n1, r2, iw2, n2 = (column.index_select(0, flat).view(r.shape) for column in table)
+    e1 = r2.sub_(r).mul_(iw2).clamp_max_(0.5).mul_(n1)
+    e2 = torch.sub(r, r1).mul_(iw1).clamp_max_(0.5).mul_(n2)
+    w_hi = e2.div_(e1.add_(e2).clamp_min_(1e-12))
     # between identity (level 0) and radius 1: in focus below 0.5, then a linear blend
-    t = ((r - IN_FOCUS_RADIUS) / (levels[1].radius - IN_FOCUS_RADIUS)).clamp(0.0, 1.0)
-    w_hi = torch.where(lo == 0, t, w_hi)
-    return lo, 1.0 - w_hi, w_hi
+    t = r.sub_(IN_FOCUS_RADIUS).div_(levels[1].radius - IN_FOCUS_RADIUS).clamp_(0.0, 1.0)
+    w_hi = torch.where(lo == 0, t, w_hi, out=w_hi)
+    return lo, torch.rsub(w_hi, 1.0), w_hi
 
 
 # ------------------------------------------------------------------------------------------------
@@ -941,7 +946,7 @@ def _render_frames(img, radius, levels, aperture, colorspace, highlight_boost, h
     alpha = acc[:, 1].imag * (1.0 / ALPHA_SCALE)
     out = torch.stack([acc[:, 0].real, acc[:, 0].imag, acc[:, 1].real], dim=-1)
     out /= alpha.clamp_min_(1e-6)[..., None]
-    out = linear_to_srgb(out) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
+    out = linear_to_srgb(out, inplace=True) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
     # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
     focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
     if focus.numel():
