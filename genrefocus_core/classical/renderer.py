@@ -343,23 +343,27 @@ class _LevelRenderer:
         sign = sign.flatten().to(small)
         lo = (level_lo.flatten().to(small) * sign).add_(n)
         keys = torch.cat([lo, lo + sign])
-        weights = torch.cat([w_lo.flatten(), w_hi.flatten()])
-        keys.masked_fill_(weights <= 0, 2 * n + 1)
+        keys[:N].masked_fill_(w_lo.flatten() <= 0, 2 * n + 1)
+        keys[N:].masked_fill_(w_hi.flatten() <= 0, 2 * n + 1)
         if 2 * n + 1 < 256:
             keys = keys.to(torch.uint8)  # sorts fastest
         order = torch.argsort(keys, stable=True)
         counts = torch.bincount(keys, minlength=2 * n + 2)
         self.offsets = [0] + torch.cumsum(counts, 0).tolist()
         order = order[: self.offsets[-2]]
-        # entry i of the unsorted list is pixel i mod N
-        pix = order.to(torch.int32) if 2 * N < 2 ** 31 else order.clone()
-        pix.sub_(N * (pix >= N))
-        # complex-plane values (R w + i G w, B w + i A w), A = ALPHA_SCALE
-        weights = weights.index_select(0, order)
-        rgba = torch.empty(len(order), 4, dtype=torch.float32, device=lin.device)
-        torch.mul(lin.reshape(N, 3).index_select(0, pix), weights[:, None], out=rgba[:, :3])
-        torch.mul(weights, ALPHA_SCALE, out=rgba[:, 3])
-        self.values = torch.view_as_complex(rgba.view(-1, 2, 2))
+        # complex-plane values (R w + i G w, B w + i A w), A = ALPHA_SCALE: every pixel's light times its
+        # two weights (entry i of the unsorted list is pixel i mod N), gathered in sorted order as one
+        # 16-byte item per entry; the same for the pixel index
+        light = torch.empty(2, N, 4, dtype=torch.float32, device=lin.device)
+        for half, w in enumerate((w_lo, w_hi)):
+            torch.mul(lin.reshape(N, 3), w.reshape(N, 1), out=light[half, :, :3])
+            torch.mul(w.flatten(), ALPHA_SCALE, out=light[half, :, 3])
+        items = light.view(torch.complex128).view(-1).index_select(0, order)
+        del light
+        self.values = items.view(torch.float32).view(-1, 4).view(torch.complex64)
+        index = torch.arange(N, dtype=torch.int32 if 2 * N < 2 ** 31 else torch.int64, device=lin.device)
+        pix = index.repeat(2).index_select(0, order)
+        del index, order
         row = pix // W
         self.x = pix - row * W
         self.b = row // H if B > 1 else None
