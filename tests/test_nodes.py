@@ -344,10 +344,13 @@ def test_defocus_map_lens_and_errors(pack):
 
 # ---------------------------------------------------------------------------------------- workflows
 WORKFLOW_DIR = ROOT / "workflows"
-EXPECTED_WORKFLOWS = {"genrefocus_classical_shaped_bokeh.json", "genrefocus_full_refocus.json",
-                      "genrefocus_txt2img_then_refocus.json", "genrefocus_highres_tiled_refocus.json",
-                      "genrefocus_deblur_only.json", "genrefocus_rack_focus_still.json",
-                      "genrefocus_focus_pull_clip.json"}
+EXPECTED_WORKFLOWS = {"Bokeh Lens Blur (classical, no weights).json",
+                      "Focus Pull over a Clip (classical, no weights).json",
+                      "Rack Focus from a Still (classical, no weights).json",
+                      "Refocus a Photo (DeblurNet, BokehNet).json",
+                      "Refocus a Photo in Tiles (DeblurNet, BokehNet).json",
+                      "Sharpen a Blurry Photo (DeblurNet).json",
+                      "Text to Image, then Refocus (BokehNet).json"}
 
 
 def test_workflows_match_the_nodes(pack):

@@ -1,10 +1,12 @@
 """What guides a new user, without ComfyUI: model metadata for the missing-models dialog on every node
 that names a model file, loaders that accept a name not installed yet and then say which file goes in
-which folder (and where to download it), and the search words artists use."""
+which folder (and where to download it), workflow names that read as titles in the template browser, and the
+search words artists use."""
 from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +31,23 @@ def test_every_model_file_a_workflow_names_has_metadata():
                 assert m["url"].startswith("https://huggingface.co/") and m["url"].endswith("/" + m["name"])
                 named += 1
     assert named >= 20  # the four generative workflows name 5-8 files each
+
+
+def test_workflow_file_names_are_the_template_browser_titles():
+    """ComfyUI's template browser titles a pack's card with the workflow's file name (front end 1.27 and newer:
+    no other title source for custom nodes) and repeats it below with '-' and '_' turned into spaces. So the
+    names are titles: a capital first, then only letters, digits, spaces, commas and parentheses (the front end
+    puts the name into URLs unencoded; safe on every file system), at most 47 characters (two lines of a
+    1.27 card, checked in the real front end by tests/comfyui/test_browser.py). In name order the workflows
+    that need no model file come first."""
+    files = sorted((ROOT / "workflows").glob("*.json"))
+    needs_files = []
+    for path in files:
+        assert re.fullmatch(r"[A-Z][A-Za-z0-9 ,()]{9,46}", path.stem), path.name
+        assert path.with_suffix(".jpg").is_file(), path.name
+        nodes = json.loads(path.read_text())["nodes"]
+        needs_files.append(any(n.get("properties", {}).get("models") for n in nodes))
+    assert not needs_files[0] and needs_files == sorted(needs_files), list(zip(needs_files, files))
 
 
 def test_the_check_catches_a_file_without_metadata():

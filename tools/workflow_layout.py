@@ -32,13 +32,14 @@ NOTE_TYPES = {"MarkdownNote", "Note"}
 
 # Columns of node ids per workflow, in the order the data flows; the note first (top left).
 COLUMNS = {
-    "genrefocus_classical_shaped_bokeh.json": [[1, 2, 3], [4], [5, 7], [6]],
-    "genrefocus_full_refocus.json": [[1, 2, 3], [4, 5], [6, 7, 8, 12], [9], [10, 11]],
-    "genrefocus_highres_tiled_refocus.json": [[1, 2, 3], [4, 5], [6, 7, 8], [9], [10, 11]],
-    "genrefocus_deblur_only.json": [[1, 2, 3], [4], [5], [6]],
-    "genrefocus_rack_focus_still.json": [[1, 2, 3], [4], [5], [6]],
-    "genrefocus_focus_pull_clip.json": [[1, 2], [3], [4], [5]],
-    "genrefocus_txt2img_then_refocus.json": [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12, 13, 17], [14], [15, 16]],
+    "Bokeh Lens Blur (classical, no weights).json": [[1, 2, 3], [4], [5, 7], [6]],
+    "Refocus a Photo (DeblurNet, BokehNet).json": [[1, 2, 3], [4, 5], [6, 7, 8, 12], [9], [10, 11]],
+    "Refocus a Photo in Tiles (DeblurNet, BokehNet).json": [[1, 2, 3], [4, 5], [6, 7, 8], [9], [10, 11]],
+    "Sharpen a Blurry Photo (DeblurNet).json": [[1, 2, 3], [4], [5], [6]],
+    "Rack Focus from a Still (classical, no weights).json": [[1, 2, 3], [4], [5], [6]],
+    "Focus Pull over a Clip (classical, no weights).json": [[1, 2], [3], [4], [5]],
+    "Text to Image, then Refocus (BokehNet).json":
+        [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11, 12, 13, 17], [14], [15, 16]],
 }
 NOTE_HEIGHT = 330
 # Sizes of display nodes (image previews) so that the columns stay within the canvas.

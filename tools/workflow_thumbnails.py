@@ -27,7 +27,7 @@ SIZE = (640, 400)
 CAPTION_H = 56
 # the canvas of a 1600x1000 screenshot of front end 1.27 (side bar and top bars cut off)
 CANVAS_BOX = (64, 78, 1600, 1000)
-RENDERED = {"genrefocus_classical_shaped_bokeh.json"}
+RENDERED = {"Bokeh Lens Blur (classical, no weights).json"}
 
 
 def note_title(ui: dict) -> str:

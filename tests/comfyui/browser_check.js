@@ -11,7 +11,7 @@
 //   missing <url> <out.json> <workflow.json>   open a workflow on a server without its files: the missing-models
 //       dialog's text, then queue it: the error the user sees
 //   templates <url> <out.json> <module>   open the template browser: for each card of the module, its title and
-//       whether its thumbnail loaded
+//       the line below it as shown, whether the title is cut, whether its thumbnail loaded
 //   search <url> <out.json> <query>...   type each query into the node search box: the result titles in order;
 //       then add a Tiled Sampler through the box and record its seed control
 //   reload <url> <out.json> <workflow.json>   run the workflow, reload the page: is the Defocus Map preview back?
@@ -238,8 +238,10 @@ async function closeDialogs(page) {
   } else if (mode === 'templates') {
     const module = files[0];
     await page.evaluate(async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); });
-    await page.waitForTimeout(1500);
-    // the pack's category in the dialog's list, then its cards
+    // the pack's category in the dialog's list (the dialog fills once the template lists arrive), then its cards
+    const named = (mod) => [...document.querySelectorAll('.p-dialog *')]
+      .some((el) => el.children.length === 0 && el.textContent.trim() === mod);
+    await page.waitForFunction(named, module, { timeout: 30000 }).catch(() => { /* recorded below */ });
     result.category_found = await page.evaluate((mod) => {
       const items = [...document.querySelectorAll('.p-dialog *')].filter((el) => el.children.length === 0 && el.textContent.trim() === mod);
       if (!items.length) return [...document.querySelectorAll('.p-dialog li, .p-dialog [role="option"]')].map((el) => el.textContent.trim()).slice(0, 40);
@@ -247,14 +249,28 @@ async function closeDialogs(page) {
       items[0].click();
       return true;
     }, module);
-    await page.waitForTimeout(2500);
-    // the cards' thumbnails are fetched and shown as blob: images, named by their alt text (the template name)
+    await page.waitForSelector('.p-dialog [data-testid^="template-workflow-"]', { timeout: 30000 })
+      .catch(() => { /* no cards: recorded below */ });
+    await page.waitForTimeout(1000);
+    // each card (data-testid template-workflow-<name>): its thumbnail (alt text: the title), the title and the
+    // line below it as shown, and whether the two-line clamp cut the title
     // the dialog renders the cards in view only: scroll through it and collect every card seen
     const seen = {};
     for (let step = 0; step < 12; step++) {
-      const cards = await page.evaluate(() => [...document.querySelectorAll('.p-dialog img')]
-        .map((i) => ({ alt: i.alt, loaded: i.complete && i.naturalWidth > 0, width: i.naturalWidth })));
-      for (const c of cards) if (!seen[c.alt] || c.loaded) seen[c.alt] = c;
+      const cards = await page.evaluate(() => {
+        const all = document.querySelectorAll('.p-dialog [data-testid^="template-workflow-"]');
+        return [...all].map((card) => {
+          const img = card.querySelector('img');
+          const h3 = card.querySelector('h3');
+          return {
+            name: card.dataset.testid.slice('template-workflow-'.length),
+            alt: img?.alt, loaded: !!img && img.complete && img.naturalWidth > 0, width: img?.naturalWidth ?? 0,
+            title: h3?.innerText.trim(), description: card.querySelector('h3 + p')?.innerText.trim(),
+            title_cut: !!h3 && h3.scrollHeight > h3.clientHeight + 1,
+          };
+        });
+      });
+      for (const c of cards) if (!seen[c.name] || c.loaded) seen[c.name] = c;
       const moved = await page.evaluate(() => {
         const boxes = [...document.querySelectorAll('.p-dialog *')].filter((el) => el.scrollHeight > el.clientHeight + 4
           && ['auto', 'scroll'].includes(getComputedStyle(el).overflowY));

@@ -3,8 +3,9 @@ every shipped workflow loads with no "Some Nodes Are Missing" dialog and the fro
 conversion equals the one the server tests use; clicking the Defocus Map preview sets the focus; each
 workflow opened in a 1600x1000 window shows its note and every node inside the view; on a server without
 the model files the missing-models list names each file and its folder (when opening and when queuing);
-the template browser shows a thumbnail for every workflow; the node search finds the pack by artist words
-and a Tiled Sampler added through it keeps a fixed seed; the Defocus Map preview survives a page reload.
+the template browser shows a thumbnail and the whole readable title (the file name) for every workflow;
+the node search finds the pack by artist words and a Tiled Sampler added through it keeps a fixed seed;
+the Defocus Map preview survives a page reload.
 
 Needs: COMFYUI_DIR (server), `node`, chromium (apt-get install -y chromium; CHROMIUM overrides the
 path) and playwright-core (npm install playwright-core, in a cache folder named by GENREFOCUS_NODE_PATH
@@ -81,7 +82,7 @@ def test_clicking_the_preview_sets_the_focus(comfy_server, tmp_path):
     if os.environ.get("GENREFOCUS_SCREENSHOTS"):
         env["SHOTS"] = os.environ["GENREFOCUS_SCREENSHOTS"]
     r = _drive("picker", comfy_server, tmp_path / "picker.json",
-               WORKFLOWS / "genrefocus_classical_shaped_bokeh.json", env=env)
+               WORKFLOWS / "Bokeh Lens Blur (classical, no weights).json", env=env)
     assert r["missing"] is None
     assert r["before"]["focus_x"] == pytest.approx(0.2) and r["before"]["focus_y"] == pytest.approx(0.72)
     # the driver clicks at 25 % of the preview's width and 75 % of its height
@@ -142,7 +143,7 @@ def test_missing_models_are_listed_with_their_folders(bare_server, tmp_path):
     nodes' properties.models), and so does queuing it; the pack's loaders are not among the nodes that
     fail validation (they accept the names and say what to do at run time)."""
     env = _browser_env()
-    wf = WORKFLOWS / "genrefocus_full_refocus.json"
+    wf = WORKFLOWS / "Refocus a Photo (DeblurNet, BokehNet).json"
     r = _drive("missing", bare_server, tmp_path / "missing.json", wf, env=env)
     assert r["missing_nodes"] is None
     expected = {(m["directory"], m["name"]) for n in json.loads(wf.read_text())["nodes"]
@@ -162,7 +163,7 @@ def test_loaders_name_every_missing_file_at_run_time(bare_server):
     their files (the front end's missing-models dialog lists them from properties.models, with folder and
     link), and the pack's loader is not among them: it accepts the LoRA names and, given a MODEL, says at
     run time which file goes in which folder and where to download it (checked below on the tiny MODEL)."""
-    api = bare_server.workflow_api("genrefocus_deblur_only.json")
+    api = bare_server.workflow_api("Sharpen a Blurry Photo (DeblurNet).json")
     api = {k: v for k, v in api.items() if v["class_type"] != "DualCLIPLoader"}
     loader = next(v for v in api.values() if v["class_type"] == "GenRefocusLoadModel")
     loader["inputs"].pop("clip", None)
@@ -179,7 +180,7 @@ def test_loaders_name_every_missing_file_at_run_time(bare_server):
 def test_lora_loader_names_a_missing_file_at_run_time(comfy_server):
     """A released LoRA named but not installed (the tiny server has no pre-deblur file): the loader's error
     names it, its folder and its download link."""
-    api = comfy_server.workflow_api("genrefocus_deblur_only.json", tiny=True)
+    api = comfy_server.workflow_api("Sharpen a Blurry Photo (DeblurNet).json", tiny=True)
     loader = next(v for v in api.values() if v["class_type"] == "GenRefocusLoadModel")
     loader["inputs"]["pre_deblur_lora"] = "deblurNet_with_pre_deblur.safetensors"
     image = next(v for v in api.values() if v["class_type"] == "LoadImage")
@@ -202,9 +203,14 @@ def test_template_browser_shows_a_thumbnail_for_every_workflow(comfy_server, tmp
     assert set(r["requests"]) == names
     for name, got in r["requests"].items():
         assert got["status"] == 200 and got["type"] == "image/jpeg" and got["bytes"] > 5000, (name, got)
-    cards = {c["alt"]: c for c in r["cards"]}
-    for name in names:
-        assert cards.get(name, {}).get("loaded"), (name, r["cards"])
+    # front end 1.27 titles a pack's card with the file name and repeats it below with '-'/'_' as spaces: the
+    # files are named as titles (tests/test_workflow_guidance.py), shown whole and twice the same
+    cards = {c["name"]: c for c in r["cards"] if c["name"] in names}
+    assert set(cards) == names, (r["category_found"], r["cards"])
+    for name, card in cards.items():
+        assert card["loaded"], card
+        assert card["title"] == card["alt"] == card["description"] == name and "_" not in name, card
+        assert not card["title_cut"], card
 
 
 def test_search_finds_the_pack_by_artist_words_and_new_samplers_keep_a_fixed_seed(comfy_server, tmp_path):
@@ -226,7 +232,7 @@ def test_search_finds_the_pack_by_artist_words_and_new_samplers_keep_a_fixed_see
 def test_defocus_preview_survives_a_page_reload(comfy_server, tmp_path):
     env = _browser_env()
     r = _drive("reload", comfy_server, tmp_path / "reload.json",
-               WORKFLOWS / "genrefocus_classical_shaped_bokeh.json", env=env)
+               WORKFLOWS / "Bokeh Lens Blur (classical, no weights).json", env=env)
     assert r["missing"] is None
     assert "GenRefocusDefocusMap" in r["nodes_after_reload"]
     assert r["before_reload"] and r["after_reload"], r

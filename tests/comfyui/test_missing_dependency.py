@@ -28,5 +28,5 @@ def test_pack_without_diffusers(tmp_path_factory):
         log = server.log_tail(10**7)
         assert f"(IMPORT FAILED): {base / 'custom_nodes' / PACK_NAME}" not in log
         assert "disabled" not in log, log[-3000:]
-        h = server.run(server.workflow_api("genrefocus_classical_shaped_bokeh.json"))
+        h = server.run(server.workflow_api("Bokeh Lens Blur (classical, no weights).json"))
         assert h["status"]["status_str"] == "success", errors_of(h)

@@ -27,7 +27,7 @@ _fp32: dict = {}
 
 
 def refocus_graph(server, kind: str) -> tuple[dict, str, str]:
-    api = server.workflow_api("genrefocus_full_refocus.json", tiny=True)
+    api = server.workflow_api("Refocus a Photo (DeblurNet, BokehNet).json", tiny=True)
     unet = next(k for k, v in api.items() if v["class_type"] == "UNETLoader")
     vae = next(k for k, v in api.items() if v["class_type"] == "VAELoader")
     loaders, model, vae_out = native_loader_nodes(kind)

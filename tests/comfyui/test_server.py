@@ -56,7 +56,7 @@ def test_pack_loads_with_every_node_and_tooltips(server):
 
 def test_classical_workflow_matches_the_core(server):
     """The no-weights workflow as shipped: its saved PNG equals the same nodes run in this process."""
-    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    api = server.workflow_api("Bokeh Lens Blur (classical, no weights).json")
     h = server.run(api)
     assert h["status"]["status_str"] == "success", errors_of(h)
     save_id = next(k for k, v in api.items() if v["class_type"] == "SaveImage")
@@ -82,7 +82,8 @@ def test_classical_workflow_matches_the_core(server):
     assert np.abs(got.astype(int) - (image[0].numpy() * 255 + 0.5).astype(int)).mean() > 2.0
 
 
-@pytest.mark.parametrize("name", ["genrefocus_rack_focus_still.json", "genrefocus_focus_pull_clip.json"])
+@pytest.mark.parametrize("name", ["Rack Focus from a Still (classical, no weights).json",
+                                  "Focus Pull over a Clip (classical, no weights).json"])
 def test_focus_pull_workflows_make_the_clip_the_core_makes(server, name):
     """The two no-weights focus-pull workflows as shipped (scene made smaller): the saved animated WEBP
     holds every frame, equal to the same nodes run in this process, and the focus moves through the clip."""
@@ -128,8 +129,9 @@ def test_focus_pull_workflows_make_the_clip_the_core_makes(server, name):
     assert float(coc[-1].abs().min()) == 0.0 and float(coc[0].abs().min()) == 0.0
 
 
-@pytest.mark.parametrize("name", ["genrefocus_deblur_only.json", "genrefocus_full_refocus.json",
-                                  "genrefocus_highres_tiled_refocus.json"])
+@pytest.mark.parametrize("name", ["Sharpen a Blurry Photo (DeblurNet).json",
+                                  "Refocus a Photo (DeblurNet, BokehNet).json",
+                                  "Refocus a Photo in Tiles (DeblurNet, BokehNet).json"])
 def test_generative_workflow_on_tiny_weights(server, name):
     api = server.workflow_api(name, tiny=True)
     # tiles of 64 px (4x4 tokens) so that a small image is tiled like a large one is at 512 px
@@ -145,7 +147,7 @@ def test_txt2img_workflow_validates_and_runs_with_flux_loaded_once(server):
     """(1) The unmodified workflow passes the server's validation (HTTP 200) and fails only when a loader
     reads a placeholder file; (2) on the tiny weights the whole graph runs: ComfyUI's KSampler and
     BokehNet share ONE UNETLoader (one MODEL), so FLUX is read once per queue."""
-    name = "genrefocus_txt2img_then_refocus.json"
+    name = "Text to Image, then Refocus (BokehNet).json"
     full = server.workflow_api(name)
     st, resp = server.post_prompt(full)
     assert st == 200, resp
@@ -168,7 +170,7 @@ def test_txt2img_workflow_validates_and_runs_with_flux_loaded_once(server):
 
 def txt2img_tiny(server) -> dict:
     """The text-to-image -> refocus workflow on the tiny weights, small and with few steps."""
-    api = server.workflow_api("genrefocus_txt2img_then_refocus.json", tiny=True)
+    api = server.workflow_api("Text to Image, then Refocus (BokehNet).json", tiny=True)
     for nid, node in api.items():
         if node["class_type"] == "EmptySD3LatentImage":
             node["inputs"].update(width=128, height=96)
@@ -182,7 +184,7 @@ def txt2img_tiny(server) -> dict:
 
 
 def _classical_ok(server, K: float):
-    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    api = server.workflow_api("Bokeh Lens Blur (classical, no weights).json")
     for node in api.values():
         if node["class_type"] == "GenRefocusScene":
             node["inputs"].update(width=96, height=64)
@@ -193,7 +195,7 @@ def _classical_ok(server, K: float):
 
 
 def test_bad_graphs_are_rejected_and_the_server_keeps_serving(server):
-    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    api = server.workflow_api("Bokeh Lens Blur (classical, no weights).json")
     # only the output that depends on the broken node: with another valid output ComfyUI would run that
     # part and answer 200 with node_errors; with none it rejects the graph with HTTP 400
     api = {k: v for k, v in api.items() if v["class_type"] != "PreviewImage"}
@@ -217,7 +219,7 @@ def test_bad_graphs_are_rejected_and_the_server_keeps_serving(server):
 
 
 def test_failing_nodes_show_our_message_and_the_server_keeps_serving(server):
-    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    api = server.workflow_api("Bokeh Lens Blur (classical, no weights).json")
     defocus_id = next(k for k, v in api.items() if v["class_type"] == "GenRefocusDefocusMap")
     api[defocus_id]["inputs"]["focus_mode"] = "mask"  # and no mask connected
     h = server.run(api)
@@ -225,7 +227,7 @@ def test_failing_nodes_show_our_message_and_the_server_keeps_serving(server):
     assert err["node_id"] == defocus_id and err["exception_type"].endswith("InputError")
     assert "no focus_mask is connected" in err["exception_message"]
     # a file that is not a LoRA chosen as the DeblurNet LoRA: the core's message naming it reaches the user
-    gen = server.workflow_api("genrefocus_deblur_only.json", tiny=True)
+    gen = server.workflow_api("Sharpen a Blurry Photo (DeblurNet).json", tiny=True)
     loader_id = next(k for k, v in gen.items() if v["class_type"] == "GenRefocusLoadModel")
     gen[loader_id]["inputs"]["deblur_lora"] = "prompt_embeds.safetensors"
     h = server.run(gen)
@@ -241,7 +243,7 @@ def test_nan_and_infinity_in_widgets_are_refused_by_our_nodes(server):
     for class_type, name, value in (("GenRefocusApertureShape", "rotation_deg", float("nan")),
                                     ("GenRefocusDefocusMap", "K", float("nan")),
                                     ("GenRefocusClassicalBokeh", "highlight_boost", float("nan"))):
-        api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+        api = server.workflow_api("Bokeh Lens Blur (classical, no weights).json")
         node_id = next(k for k, v in api.items() if v["class_type"] == class_type)
         api[node_id]["inputs"][name] = value
         st, resp = server.post_prompt(api)
@@ -256,7 +258,7 @@ def test_nan_and_infinity_in_widgets_are_refused_by_our_nodes(server):
 def test_progress_per_step_and_interrupt_between_steps(server):
     ws = WebSocketMessages(server.port)
     try:
-        api = server.workflow_api("genrefocus_deblur_only.json", tiny=True)
+        api = server.workflow_api("Sharpen a Blurry Photo (DeblurNet).json", tiny=True)
         deblur_id = next(k for k, v in api.items() if v["class_type"] == "GenRefocusDeblurNet")
         api["990"] = {"class_type": "GenRefocusTiledSampler", "inputs": {
             "steps": 7, "seed": 5, "tiling": "off", "tile_size": 512, "tile_overlap": 64, "tile_batch": 1,
@@ -307,7 +309,7 @@ def test_changing_the_focus_reruns_only_the_refocus(server):
     Defocus Map, BokehNet and the save."""
     ws = WebSocketMessages(server.port)
     try:
-        api = server.workflow_api("genrefocus_full_refocus.json", tiny=True)
+        api = server.workflow_api("Refocus a Photo (DeblurNet, BokehNet).json", tiny=True)
         _small_sampler(api, steps=2)
         ids = {v["class_type"]: k for k, v in api.items()}
         api[ids["GenRefocusDefocusMap"]]["inputs"].update(K=7.5, focus_x=0.31)
@@ -331,7 +333,7 @@ def test_lens_controls_and_mask_outputs_in_a_real_graph(server):
     """The shipped classical workflow with the new lens controls set through /prompt: focus by distance,
     an in-focus band, the annular aperture, cat's eye across the frame and grain; the in-focus MASK
     output feeds ComfyUI's own MaskToImage and is white on the focused pillar, black elsewhere."""
-    api = server.workflow_api("genrefocus_classical_shaped_bokeh.json")
+    api = server.workflow_api("Bokeh Lens Blur (classical, no weights).json")
     ids = {v["class_type"]: k for k, v in api.items()}
     api[ids["GenRefocusScene"]]["inputs"].update(width=128, height=96)
     api[ids["GenRefocusDefocusMap"]]["inputs"].update(focus_mode="distance", focus_distance_m=6.0, blur_mode="lens",

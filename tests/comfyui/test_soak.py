@@ -17,7 +17,7 @@ PROMPTS = 30
 
 
 def test_soak_30_prompts_memory_flat(server):
-    api = server.workflow_api("genrefocus_full_refocus.json", tiny=True)
+    api = server.workflow_api("Refocus a Photo (DeblurNet, BokehNet).json", tiny=True)
     _small_sampler(api, steps=2)
     ids = {v["class_type"]: k for k, v in api.items()}
     api["900"] = {"class_type": "GenRefocusClassicalBokeh", "inputs": {
