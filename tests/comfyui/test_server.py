@@ -134,8 +134,9 @@ def test_focus_pull_workflows_make_the_clip_the_core_makes(server, name):
                                   "Refocus a Photo in Tiles (DeblurNet, BokehNet).json"])
 def test_generative_workflow_on_tiny_weights(server, name):
     api = server.workflow_api(name, tiny=True)
-    # tiles of 64 px (4x4 tokens) so that a small image is tiled like a large one is at 512 px
-    _small_sampler(api, steps=3, **({"tile_size": 64, "tile_overlap": 16} if "tiled" in name else {}))
+    # a workflow that tiles: tiles of 64 px (4x4 tokens) so that a small image is tiled like a large one at 512 px
+    tiles = any(n["class_type"] == "GenRefocusTiledSampler" and n["inputs"]["tiling"] == "on" for n in api.values())
+    _small_sampler(api, steps=3, **({"tile_size": 64, "tile_overlap": 16} if tiles else {}))
     h = server.run(api)
     assert h["status"]["status_str"] == "success", json.dumps(errors_of(h))[:3000]
     save_id = next(k for k, v in api.items() if v["class_type"] == "SaveImage")
