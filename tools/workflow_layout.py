@@ -33,9 +33,9 @@ NOTE_TYPES = {"MarkdownNote", "Note"}
 # Columns of node ids per workflow, in the order the data flows; the note first (top left).
 COLUMNS = {
     "Bokeh Lens Blur (classical, no weights).json": [[1, 2, 3], [4], [5, 7], [6]],
-    "Refocus a Photo (DeblurNet, BokehNet).json": [[1, 2, 3], [4, 5], [6, 7, 8, 12], [9], [10, 11]],
-    "Refocus a Photo in Tiles (DeblurNet, BokehNet).json": [[1, 2, 3], [4, 5], [6, 7, 8], [9], [10, 11]],
-    "Sharpen a Blurry Photo (DeblurNet).json": [[1, 2, 3], [4], [5], [6]],
+    "Refocus a Photo (DeblurNet, BokehNet).json": [[1, 2, 3], [4, 5, 13, 14], [6, 7, 8, 12], [9], [10, 11]],
+    "Refocus a Photo in Tiles (DeblurNet, BokehNet).json": [[1, 2, 3], [4, 5, 12, 13], [6, 7, 8], [9], [10, 11]],
+    "Sharpen a Blurry Photo (DeblurNet).json": [[1, 2, 3], [4, 7, 8], [5], [6]],
     "Rack Focus from a Still (classical, no weights).json": [[1, 2, 3], [4], [5], [6]],
     "Focus Pull over a Clip (classical, no weights).json": [[1, 2], [3], [4], [5]],
     "Text to Image, then Refocus (BokehNet).json":

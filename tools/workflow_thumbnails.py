@@ -54,6 +54,8 @@ def render_classical(ui: dict) -> Image.Image:
         spec = widget_inputs({"input": cls.INPUT_TYPES()})
         vals, i = {}, 0
         for name, _, extra in spec:
+            if i >= len(n["widgets_values"]):
+                break  # widgets added after the file was saved: the node's defaults
             vals[name] = n["widgets_values"][i]
             i += 1 + extra
         values[n["type"]] = vals
