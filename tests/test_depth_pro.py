@@ -20,7 +20,8 @@ from genrefocus_core.depth.depth_pro import (
     load_depth_pro, release_depth_pro, working_size,
 )
 from genrefocus_core.depth.depth_pro_apple import (
-    APPLE_TENSOR_COUNT, HF_TENSOR_COUNT, apple_key_to_hf, convert_apple_state_dict, hf_state_dict_to_apple,
+    APPLE_TENSOR_COUNT, HF_TENSOR_COUNT, align_attention_names, apple_key_to_hf, convert_apple_state_dict,
+    hf_state_dict_to_apple,
 )
 from genrefocus_core.basics.errors import InputError, MissingModelFileError, ModelFileError
 from numerics import assert_fp32_close
@@ -89,13 +90,14 @@ def test_apple_layout_maps_onto_full_size_transformers_model():
     the shipped config builds exactly the fixture's architecture (on the meta device)."""
     from transformers import DepthProConfig, DepthProForDepthEstimation
     apple = json.loads((DEPTH_PRO_FIXTURES / "apple_depth_pro_keys.json").read_text())["keys"]
-    hf = json.loads((DEPTH_PRO_FIXTURES / "hf_depth_pro_keys.json").read_text())["keys"]
+    hf = json.loads((DEPTH_PRO_FIXTURES / "hf_depth_pro_keys.json").read_text())["keys"]  # transformers 5.18 names
     assert len(apple) == APPLE_TENSOR_COUNT and len(hf) == HF_TENSOR_COUNT
 
     config = DepthProConfig.from_dict(json.loads(SHIPPED_CONFIG.read_text()))
     with torch.device("meta"):
         model = DepthProForDepthEstimation(config)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    hf = align_attention_names(hf, model_shapes)  # the installed transformers' attention naming
     assert model_shapes == {k: tuple(v) for k, v in hf.items()}
     assert working_size(config) == 1536
 
@@ -543,7 +545,7 @@ def test_old_transformers_gives_a_clear_error(monkeypatch, apple_pt):
     old = types.ModuleType("transformers")
     old.__version__ = "4.46.3"  # before Depth Pro was added
     monkeypatch.setitem(sys.modules, "transformers", old)
-    with pytest.raises(ModelFileError, match=r"transformers >= 5.18 \(installed: 4.46.3\)"):
+    with pytest.raises(ModelFileError, match=r"transformers >= 4.49 \(installed: 4.46.3\)"):
         load_depth_pro(apple_pt)
 
 

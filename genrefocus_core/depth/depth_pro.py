@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .depth_pro_apple import _apple_name_for, check_state_dict, convert_apple_state_dict
+from .depth_pro_apple import _apple_name_for, align_attention_names, check_state_dict, convert_apple_state_dict
 from ..basics.errors import InputError, MissingModelFileError, ModelFileError
 from ..basics.images import bhwc_to_bchw, to_image_batch
 
@@ -43,16 +43,6 @@ HF_INDEX = "model.safetensors.index.json"
 WEIGHTS_FOLDER = "models/depth_pro/ (in ComfyUI: ComfyUI/models/depth_pro/)"
 # Depth Pro's output range in metres (Apple clamps inverse depth to [1e-4, 1e4]).
 MIN_DEPTH_M, MAX_DEPTH_M = 1e-4, 1e4
-
-# transformers 4.x named Dinov2's attention projections differently; either naming is accepted and
-# aligned with what the installed transformers expects.
-_DINOV2_LEGACY_NAMES = (
-    ("attention.attention.query.", "attention.q_proj."),
-    ("attention.attention.key.", "attention.k_proj."),
-    ("attention.attention.value.", "attention.v_proj."),
-    ("attention.output.dense.", "attention.o_proj."),
-)
-
 
 @dataclass
 class DepthResult:
@@ -101,8 +91,8 @@ def _transformers_depth_pro():
         from transformers import DepthProConfig, DepthProForDepthEstimation
     except ImportError:
         import transformers
-        raise ModelFileError(f"Depth Pro needs transformers >= 5.18 (installed: {transformers.__version__}); "
-                             "upgrade it: pip install -U transformers") from None
+        raise ModelFileError(f"Depth Pro needs transformers >= 4.49 (installed: {transformers.__version__}); "
+                             "install the pack's requirements: pip install -r requirements.txt") from None
     return DepthProConfig, DepthProForDepthEstimation
 
 
@@ -201,25 +191,6 @@ def _is_apple_layout(state: dict) -> bool:
     return any(k.startswith(("encoder.patch_encoder.", "decoder.fusions.")) for k in state)
 
 
-def _align_hf_names(state: dict, expected: dict) -> dict:
-    """Rename Dinov2 attention keys between transformers 4.x and 5.x naming to what the model expects."""
-    if all(k in expected for k in state):
-        return state
-    out = {}
-    for key, value in state.items():
-        if key not in expected:
-            for old, new in _DINOV2_LEGACY_NAMES:
-                for a, b in ((old, new), (new, old)):
-                    if a in key and key.replace(a, b) in expected:
-                        key = key.replace(a, b)
-                        break
-                else:
-                    continue
-                break
-        out[key] = value
-    return out
-
-
 def _resolve(path) -> tuple[str, Path, Path | None]:
     """-> (layout 'hf' | 'apple' | 'file', weights path, config path or None)."""
     if path is None or str(path).strip() == "":
@@ -275,13 +246,12 @@ def _checked_state(path, config) -> tuple[dict, torch.nn.Module, str, bool]:
     skeleton = _build_on_meta(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if apple:
-        state = _align_hf_names(convert_apple_state_dict(state, None, source=source), expected)
-        check_state_dict(state, expected, source, key_namer=_apple_name_for)
+        state = convert_apple_state_dict(state, expected, source=source)
     else:
         if not any(k.startswith(("depth_pro.", "fusion_stage.", "fov_model.")) for k in state):
             raise ModelFileError(f"{source} is not a Depth Pro checkpoint (no Depth Pro tensors among "
                                  f"{len(state)}: e.g. {sorted(state)[:3]}).")
-        state = _align_hf_names(state, expected)
+        state = align_attention_names(state, expected)
         check_state_dict(state, expected, source)
     return state, skeleton, source, apple
 

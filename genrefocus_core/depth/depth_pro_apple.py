@@ -21,7 +21,11 @@ and the decoder levels numbered in the opposite order. The correspondence, level
     fov.head.{j}                            fov_model.head.layers.{j}
 
 `_RULES` holds this correspondence once; `apple_key_to_hf` and `hf_key_to_apple` read it in the two
-directions. The level counts (3 image scales, 2 intermediate hooks, 5 decoder levels) are fixed by Apple's
+directions. transformers names the Dinov2 attention projections in two ways: 5.18 and later
+`attention.{q,k,v,o}_proj`, earlier releases `attention.attention.{query,key,value}` and
+`attention.output.dense`. The rules are written in the newer naming; `hf_key_to_apple` reads both, and
+`align_attention_names` renames a state dict to whichever naming a model instance's own keys use (so
+the installed transformers decides, not its version string). The level counts (3 image scales, 2 intermediate hooks, 5 decoder levels) are fixed by Apple's
 architecture, whose module names hard-code them; widths and depths follow the tensors, so a smaller
 model of the same topology (the tests' tiny one) maps the same way.
 """
@@ -136,11 +140,42 @@ _RULES = (
     _Rule("fov.head.{j}.{p}", "fov_model.head.layers.{j}.{p}", {"j": _DIGITS, "p": _PARAM}),
 )
 _QKV_PARTS = ("q", "k", "v")
+# (transformers < 5.18, transformers >= 5.18) names of the Dinov2 attention projections
+_ATTENTION_NAMINGS = (
+    ("attention.attention.query.", "attention.q_proj."),
+    ("attention.attention.key.", "attention.k_proj."),
+    ("attention.attention.value.", "attention.v_proj."),
+    ("attention.output.dense.", "attention.o_proj."),
+)
+
+
+def _newer_attention_name(key: str) -> str:
+    """A key in either attention naming -> the naming of `_RULES`."""
+    for old, new in _ATTENTION_NAMINGS:
+        if old in key:
+            return key.replace(old, new)
+    return key
+
+
+def align_attention_names(state: Mapping[str, torch.Tensor], expected: Mapping) -> dict[str, torch.Tensor]:
+    """Rename the attention keys of `state` to the naming of `expected` (a model's own state-dict keys);
+    keys already expected, and keys with no counterpart there, stay as they are (the shape check names them)."""
+    out = {}
+    for key, value in state.items():
+        if key not in expected:
+            for old, new in _ATTENTION_NAMINGS:
+                renamed = next((key.replace(a, b) for a, b in ((old, new), (new, old))
+                                if a in key and key.replace(a, b) in expected), None)
+                if renamed is not None:
+                    key = renamed
+                    break
+        out[key] = value
+    return out
 
 
 def apple_key_to_hf(key: str) -> list[str] | None:
-    """One Apple key -> its transformers key(s) (three for a fused qkv, in q, k, v order), or None
-    for a key that has no place in the model."""
+    """One Apple key -> its transformers key(s) in the naming of transformers >= 5.18 (three for a fused
+    qkv, in q, k, v order), or None for a key that has no place in the model."""
     for rule in _RULES:
         values = rule.convert(key, to_hf=True)
         if values is not None:
@@ -151,8 +186,9 @@ def apple_key_to_hf(key: str) -> list[str] | None:
 
 
 def hf_key_to_apple(key: str) -> tuple[str, int | None] | None:
-    """One transformers key -> (Apple key, part) where part is 0/1/2 for q/k/v of a fused qkv and
-    None otherwise; None for a key with no Apple counterpart."""
+    """One transformers key (either attention naming) -> (Apple key, part) where part is 0/1/2 for q/k/v
+    of a fused qkv and None otherwise; None for a key with no Apple counterpart."""
+    key = _newer_attention_name(key)
     for rule in _RULES:
         values = rule.convert(key, to_hf=False)
         if values is not None:
@@ -173,9 +209,10 @@ def convert_apple_state_dict(state_dict: Mapping[str, torch.Tensor],
     """Apple `depth_pro.pt` tensors -> transformers' key names, the fused qkv split in three.
 
     With `expected_shapes` (transformers key -> shape, e.g. from the model built on the meta device),
-    every tensor must land on a key of the model with the right shape and every key of the model must
-    be filled; otherwise ModelFileError names the offending tensors. The returned tensors are views
-    of the input (no copy).
+    the keys take that model's attention naming, every tensor must land on a key of the model with the
+    right shape and every key of the model must be filled; otherwise ModelFileError names the offending
+    tensors. Without it the keys are in the naming of transformers >= 5.18. The returned tensors are
+    views of the input (no copy).
     """
     converted: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
@@ -196,6 +233,7 @@ def convert_apple_state_dict(state_dict: Mapping[str, torch.Tensor],
         raise ModelFileError(f"{source} is not an Apple Depth Pro checkpoint: {len(unknown)} tensor(s) have no "
                              f"place in Depth Pro: {_name_list(unknown)}.")
     if expected_shapes is not None:
+        converted = align_attention_names(converted, expected_shapes)
         check_state_dict(converted, expected_shapes, source, key_namer=_apple_name_for)
     return converted
 

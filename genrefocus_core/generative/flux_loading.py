@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import json
 import os
 from pathlib import Path
 
@@ -378,6 +379,18 @@ def load_flux_vae(path_or_dir, dtype: torch.dtype = torch.float32, *, config_dir
 # ---------------------------------------------------------------------------------------------
 # Text encoders and tokenizers
 
+def _dtype_argument(dtype) -> dict:
+    """transformers' from_pretrained keyword for the weights' dtype: `dtype` where the installed release's
+    configs declare it (5.x), else `torch_dtype` (4.x, where `dtype` would land in the config as an
+    unknown, unserialisable attribute)."""
+    import inspect
+
+    from transformers import PretrainedConfig
+
+    declared = "dtype" in inspect.signature(PretrainedConfig.__init__).parameters
+    return {"dtype" if declared else "torch_dtype": dtype}
+
+
 def _load_text_encoder(path_or_dir, dtype, config_dir, *, kind: str, subfolder: str, model_cls, config_cls,
                        default_config: Path, prefixes, anchors, expected_family: str, rename, drop):
     """A transformers text encoder from a diffusers folder's `subfolder`, or from a single file (any
@@ -387,10 +400,12 @@ def _load_text_encoder(path_or_dir, dtype, config_dir, *, kind: str, subfolder: 
     folder, path = _folder_or_file(path_or_dir, subfolder, kind)
     if folder is not None:
         with offline_load(folder, f"the {kind} text encoder"):
-            # .to(dtype) too: older transformers name the argument torch_dtype and ignore `dtype`
-            model = model_cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
-                                              use_safetensors=True).to(dtype)
-        return model.eval().requires_grad_(False)
+            # .to(dtype) too: T5 keeps its `wo` projections in fp32 when loaded in a lower precision
+            model, info = model_cls.from_pretrained(str(folder), **_dtype_argument(dtype), local_files_only=True,
+                                                    use_safetensors=True, output_loading_info=True)
+            if info["missing_keys"]:
+                _load_renamed(model, folder, rename, kind)
+        return model.to(dtype).eval().requires_grad_(False)
     cfg_dir = _config_dir(config_dir, default_config)
     with offline_load(cfg_dir, f"a {kind} text encoder config"):
         config = config_cls.from_pretrained(str(cfg_dir), local_files_only=True)
@@ -411,6 +426,24 @@ def _load_text_encoder(path_or_dir, dtype, config_dir, *, kind: str, subfolder: 
     model.load_state_dict(state, strict=False, assign=True)
     _assert_materialised(model, path)
     return model.eval().requires_grad_(False)
+
+
+def _load_renamed(model, folder: Path, rename, kind: str) -> None:
+    """from_pretrained left weights of `model` unfilled: the folder names them another way (CLIP saved by
+    transformers >= 5.6 has no 'text_model.' prefix, which 4.x does not translate). Fill every weight from
+    the folder's safetensors files renamed to the model's keys, or raise naming what is missing."""
+    from safetensors.torch import load_file
+
+    expected = model.state_dict()
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    tensors = rename(tensors, expected)
+    missing = sorted(k for k in expected if k not in tensors)
+    if missing:
+        raise ModelFileError(f"{folder}: the {kind} text encoder lacks {len(missing)} weight(s), e.g. "
+                             f"{', '.join(missing[:3])}. The folder is damaged or holds another model.")
+    model.load_state_dict({k: tensors[k].to(expected[k].dtype) for k in expected}, strict=True)
 
 
 def _clip_keys(t, expected):
@@ -485,4 +518,23 @@ def load_tokenizers(tokenizer_dir):
 
     dirs = tokenizer_folders(tokenizer_dir)
     with offline_load(tokenizer_dir, "the CLIP and T5 tokenizers"):
-        return tuple(AutoTokenizer.from_pretrained(str(d), local_files_only=True) for d in dirs)
+        return tuple(AutoTokenizer.from_pretrained(str(d), local_files_only=True, **_special_token_arguments(d))
+                     for d in dirs)
+
+
+def _special_token_arguments(folder: Path) -> dict:
+    """transformers 5 saves a tokenizer's unnamed extra special tokens as a list `extra_special_tokens`;
+    transformers 4 reads that key as a dict of named tokens and calls the list `additional_special_tokens`.
+    For a folder saved by 5.x loaded by a 4.x release (told apart by its tokenizers' special-token
+    attributes), the list is passed under the 4.x name; otherwise nothing is overridden."""
+    from transformers import PreTrainedTokenizerBase
+
+    if "additional_special_tokens" not in PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES:
+        return {}
+    try:
+        extra = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("extra_special_tokens")
+    except (OSError, ValueError, AttributeError):
+        return {}  # from_pretrained reports the unreadable file itself
+    if not isinstance(extra, list):
+        return {}
+    return {"extra_special_tokens": {}, **({"additional_special_tokens": extra} if extra else {})}
