@@ -415,3 +415,29 @@ def test_coarse_splat_is_the_adjoint_of_bilinear_interpolation(scale):
     assert torch.equal(planes[0, :, h:], torch.zeros_like(planes[0, :, h:]))
     assert float((planes[0, :, :h, :w] - expected).abs().max()) < 1e-5
     assert float(expected.abs().max()) > 0.5 / scale ** 2
+
+
+def test_front_levels_cross_to_full_resolution_only_where_they_reach(monkeypatch):
+    """Coarse levels in front of the full-resolution ones cross to full resolution only in the window
+    their light and coverage reach (`_window`); outside it they hold only FFT rounding noise. The picture
+    equals the one composited over the whole frame up to that noise and the reordered sum there (a few
+    float32 ulps of values <= 1: bound 1e-5, as in the batch test)."""
+    from genrefocus_core.classical import renderer
+
+    g = torch.Generator().manual_seed(11)
+    H, W = 120, 200
+    img = torch.rand(1, H, W, 3, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    defocus = (15.0 - yy.float() / H * 20.0)[None].clone()  # a ground plane: every full-resolution level
+    defocus[0, 10:40, 20:50] = 24.0  # a small near card: coarse levels in front
+    windows = []
+    window = renderer._window
+    monkeypatch.setattr(renderer, "_window", lambda *a: windows.append(window(*a)) or windows[-1])
+    for ap in (apertures.circle(), apertures.polygon(6)):
+        cropped = render_bokeh(img, defocus_px=defocus, aperture=ap)
+        assert windows[-1] is not None and windows[-1] != (0, H, 0, W)
+        monkeypatch.setattr(renderer, "_window", lambda supports, h, w: (0, h, 0, w))
+        whole = render_bokeh(img, defocus_px=defocus, aperture=ap)
+        monkeypatch.setattr(renderer, "_window", lambda *a: windows.append(window(*a)) or windows[-1])
+        assert float((cropped - whole).abs().max()) < 1e-5
+        assert float((whole - img).abs().max()) > 0.1

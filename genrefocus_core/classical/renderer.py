@@ -369,6 +369,9 @@ class _LevelRenderer:
         self.b = row // H if B > 1 else None
         self.y = row - self.b * H if B > 1 else row
         self._kernels = {}
+        # image rows and columns (y0, y1, x0, x1) outside which a rendered coarse level has no light or
+        # coverage (None: anywhere), filled in as the levels render
+        self.supports = {}
         # the coarse lattices: the image plus a context of `lead` px on each side, sharing one origin
         coarse = [lv for lv in levels if lv.scale > 1]
         self.grids = {}
@@ -483,6 +486,7 @@ class _LevelRenderer:
         parts = self._parts(idx)
         if not parts:
             return None
+        self.supports[idx] = None
         lh, lw = grid.fft_h, grid.fft_w
         spec = None
         for ent, ap in parts:
@@ -514,7 +518,8 @@ class _LevelRenderer:
             planes = torch.zeros(len(chunk) * self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
             for k, i in enumerate(chunk):
                 if counts[k] > 0:
-                    self._splat(self._entries(i), grid, planes[k * self.B:(k + 1) * self.B])
+                    cells = self._splat(self._entries(i), grid, planes[k * self.B:(k + 1) * self.B])
+                    self.supports[i] = self._support(cells, grid, self.levels[abs(i)])
             spec = torch.fft.fft2(planes, out=planes).view(len(chunk), self.B, 2, lh, lw)
             for k, i in enumerate(chunk):
                 spec[k] *= self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
@@ -524,12 +529,13 @@ class _LevelRenderer:
                     out[i] = res[k]
         return [out.get(i) for i in indices]
 
-    def _splat(self, ent, grid: _Grid, planes: torch.Tensor) -> None:
+    def _splat(self, ent, grid: _Grid, planes: torch.Tensor) -> tuple[int, int, int, int]:
         """Bilinear splat of the entries onto the lattice, added into planes [B,2,lh,lw] (the adjoint of
         bilinear interpolation with align_corners=False, so splat + interpolation keeps each pixel's
         energy and centroid). The entries are drawn at full resolution into their box, aligned to whole
         cells, and the box is reduced cell by cell with the splat's weights (`_splat_reduce`): dense
-        passes over the box cost far less than scattering every entry into four cells."""
+        passes over the box cost far less than scattering every entry into four cells.
+        -> the lattice cells written, (cy0, cy1, cx0, cx1)."""
         b, y, x, vals = ent
         s = grid.scale
         by0, by1 = (int(y.min()) - grid.y0) // s, (int(y.max()) - grid.y0) // s + 1  # cells of the box
@@ -542,6 +548,17 @@ class _LevelRenderer:
         plane = torch.tensor([0, hb * wb], device=pos.device)
         box.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
         planes[:, :, by0 - 1:by1 + 1, bx0 - 1:bx1 + 1] += _splat_reduce(box, s)
+        return by0 - 1, by1 + 1, bx0 - 1, bx1 + 1
+
+    def _support(self, cells, grid: _Grid, level: Level):
+        """Image rows and columns (y0, y1, x0, x1) that a coarse level splatted into lattice cells
+        [cy0, cy1) x [cx0, cx1) reaches: the kernel's reach, plus two cells for the bilinear steps back to
+        full resolution (one cell of the lattice, half a cell of the next, ...)."""
+        cy0, cy1, cx0, cx1 = cells
+        reach = self.kernel(level, self.aperture).shape[-1] // 2 + 2
+        s = grid.scale
+        return (grid.y0 + (cy0 - reach) * s, grid.y0 + (cy1 + reach) * s,
+                grid.x0 + (cx0 - reach) * s, grid.x0 + (cx1 + reach) * s)
 
 
 def _splat_phases(scale: int, device) -> torch.Tensor:
@@ -736,10 +753,10 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int, workers: int = 1)
             (qy, qx), (py, px) = pcl
             acc[:, :, qy, qx] += pending.planes[:, :, py, px]
         pending = canvas
+    pcl = None if pending is None else pending.clip(H, W)
+    if pcl is not None:  # the last full-resolution level (weighted by the front levels' p2 below)
+        acc[:, :, pcl[0][0], pcl[0][1]] += pending.planes[:, :, pcl[1][0], pcl[1][1]]
     if not front:
-        if pending is not None and pending.clip(H, W) is not None:
-            (qy, qx), (py, px) = pending.clip(H, W)
-            acc[:, :, qy, qx] += pending.planes[:, :, py, px]
         return acc
     # in front: coarse levels, under-composited from the nearest (coarsest lattice) back.
     # light = sum of level j's light times p_{j+2}, p_m = prod over levels k >= m of (1 - coverage_k)
@@ -759,14 +776,37 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int, workers: int = 1)
                 continue
             _channels(light).addcmul_(_channels(level), _pairs(p2))
             p1, p2 = p1 * _transmittance(level), p1
-    light, p1, p2 = _move([light, p1, p2], grid, image)
-    # everything at full resolution so far (acc: levels < idx - 1, pending: level idx - 1) lies behind
-    _channels(acc).mul_(_pairs(p1))
-    if pending is not None and pending.clip(H, W) is not None:
-        (qy, qx), (py, px) = pending.clip(H, W)
-        _channels(acc)[:, :, qy, qx].addcmul_(_channels(pending.planes)[:, :, py, px], _pairs(p2[:, qy, qx]))
-    acc += light
+    # only the window the front levels reach crosses to full resolution: outside it there is no light
+    # in front (p1 = p2 = 1, light = 0)
+    window = _window([engine.supports.get(i, (0, 0, 0, 0)) for run in front for i in run], H, W)
+    if window is None:
+        return acc
+    y0, y1, x0, x1 = window
+    light, p1, p2 = _move([light, p1, p2], grid, _Grid(1, y0, x0, y1 - y0, x1 - x0))
+    # everything at full resolution so far lies behind: acc (levels < idx - 1) is dimmed by p1 and
+    # pending (level idx - 1) by p2; pending is in acc already, so it gets p2 - p1 on top
+    region = acc[:, :, y0:y1, x0:x1]
+    _channels(region).mul_(_pairs(p1))
+    if pcl is not None:
+        (qy, qx), _ = pcl
+        oy0, oy1, ox0, ox1 = max(qy.start, y0), min(qy.stop, y1), max(qx.start, x0), min(qx.stop, x1)
+        if oy0 < oy1 and ox0 < ox1:
+            inside = pending.planes[:, :, oy0 - pending.y0:oy1 - pending.y0, ox0 - pending.x0:ox1 - pending.x0]
+            wy, wx = slice(oy0 - y0, oy1 - y0), slice(ox0 - x0, ox1 - x0)
+            _channels(acc[:, :, oy0:oy1, ox0:ox1]).addcmul_(_channels(inside), _pairs(p2[:, wy, wx] - p1[:, wy, wx]))
+    region += light
     return acc
+
+
+def _window(supports, H: int, W: int):
+    """The union of supports (y0, y1, x0, x1; None = anywhere) within an H x W image, or None if empty."""
+    boxes = [(0, H, 0, W) if b is None else b for b in supports]
+    boxes = [b for b in boxes if b[0] < b[1] and b[2] < b[3]]
+    if not boxes:
+        return None
+    y0, y1 = max(min(b[0] for b in boxes), 0), min(max(b[1] for b in boxes), H)
+    x0, x1 = max(min(b[2] for b in boxes), 0), min(max(b[3] for b in boxes), W)
+    return (y0, y1, x0, x1) if y0 < y1 and x0 < x1 else None
 
 
 # ------------------------------------------------------------------------------------------------
