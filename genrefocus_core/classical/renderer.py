@@ -978,7 +978,7 @@ def _render_frames(img, radius, levels, aperture, colorspace, highlight_boost, h
     """The render of frames img [B,H,W,3] at signed radii [B,H,W] on the given level ladder (no grain)."""
     B, H, W, _ = img.shape
     lo, w_lo, w_hi = level_weights(radius.abs(), levels)
-    sign = torch.where(radius < 0, -1, 1)
+    sign = (radius >= 0).to(torch.int8).mul_(2).sub_(1)  # -1 behind the focal plane, +1 in front
 
     lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
     if highlight_boost > 0:
