@@ -10,7 +10,7 @@ machine convert to quiet ones: quiet time ~ ratio x 32 ms.
 - frame: one render, warm process, cold kernel-spectrum cache (median of --repeats);
 - pull: per-frame time over --frames frames whose focus moves from the near card to the far wall
   (consecutive calls, as a focus pull makes them: spectra and DFT tables are reused across frames);
-- peak RSS: ru_maxrss of a fresh subprocess that loads the scene and renders one frame (exact; torch's
+- peak RSS: VmHWM of a fresh subprocess that loads the scene and renders one frame (exact; torch's
   allocations are invisible to tracemalloc), and of one that only loads the scene (the baseline).
 --compete runs a competing 2-thread job (a matrix-product loop in another process) during the timings.
 --modes: how the renderer uses the threads, interleaved per repetition: auto (its own choice from the
@@ -69,12 +69,25 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def own_peak_rss_mib() -> float:
+    """This process's peak RSS. Linux's ru_maxrss survives exec, so a child forked from this big bench
+    process would report at least the parent's size; /proc's VmHWM belongs to the new program only."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def child_rss(path: str, threads: int, render: bool) -> None:
     torch.set_num_threads(threads)
     image, disparity, focus, K = torch.load(path, weights_only=True)
     if render:
         renderer.render_bokeh(image, disparity, focus, K, polygon(6))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    print(own_peak_rss_mib())
 
 
 def peak_rss(size: int, threads: int) -> tuple[float, float]:
