@@ -3,7 +3,8 @@
     python bench/bokeh_timing_ratio.py [--sizes 512 1024] [--repeats 8] [--threads 2]
 
 On a shared or virtual machine the absolute time of one render drifts with the host's load; the ratio
-to a reference workload measured in the same minutes does not (much). The reference is ten forward and
+to a reference workload measured in the same minutes does not (much). Printed: min / median / max
+of the renders, the ratio of the medians (render / reference, interleaved repetitions) and the load. The reference is ten forward and
 inverse 2-D FFTs of two complex 540 x 540 planes, the kind of work most of a render is. The renderer is
 called as measure.py calls it (bench/bokeh_adapter.py), on a cold kernel-spectrum cache each time.
 """
@@ -53,10 +54,11 @@ def main():
             t = time.perf_counter()
             bokeh_adapter.render(image, disparity, meta["focus_disparity"], meta["K"], None)
             ren.append(time.perf_counter() - t)
-        print(json.dumps({"size": size, "threads": args.threads, "render_best_s": round(min(ren), 3),
-                          "render_median_s": round(float(np.median(ren)), 3),
-                          "reference_best_s": round(min(ref), 4),
-                          "render_per_reference": round(min(ren) / min(ref), 2)}))
+        print(json.dumps({"size": size, "threads": args.threads, "repeats": args.repeats,
+                          "render_s_min_median_max": [round(float(x), 3) for x in (min(ren), np.median(ren), max(ren))],
+                          "reference_median_s": round(float(np.median(ref)), 4),
+                          "render_per_reference_medians": round(float(np.median(ren) / np.median(ref)), 2),
+                          "load_1min": round(os.getloadavg()[0], 2)}))
 
 
 if __name__ == "__main__":
