@@ -27,6 +27,10 @@ GGUF_QTYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 
 
 def diffusers_to_bfl_transformer(sd: dict, num_layers: int, num_single_layers: int) -> dict:
+    """diffusers' FLUX state dict -> BFL's layout. Written out by hand on purpose, not derived from the
+    core's `flux_loading.bfl_transformer_key_plan` (the reverse map): this is the test's independent
+    oracle, so a wrong entry in the core's plan makes the round-trip tests fail instead of agreeing
+    with itself."""
     out = {}
 
     def lin(src, dst):
