@@ -112,12 +112,12 @@ def lens_from_args(args) -> Lens | None:
     return Lens(args.f_number, args.focal_length, args.sensor_width)
 
 
-def tilt_from_args(args, size: tuple[int, int]) -> FocusTilt | None:
-    """The focal plane's tilt, about the focus point when one is given (else the centre)."""
+def tilt_from_args(args, size: tuple[int, int], kwargs: dict) -> FocusTilt | None:
+    """The focal plane's tilt, about the focus point of `kwargs` (`focus_kwargs`) when one is given,
+    else the centre."""
     if not args.tilt:
         return None
     H, W = size
-    kwargs = focus_kwargs(args, size)
     pivot = (0.5, 0.5)
     if "point" in kwargs:
         x, y = kwargs["point"]
@@ -127,8 +127,7 @@ def tilt_from_args(args, size: tuple[int, int]) -> FocusTilt | None:
 
 def check_focus_and_blur(args, size: tuple[int, int]) -> None:
     """The focus and blur options' mistakes, found before any long work."""
-    focus_kwargs(args, size)
-    tilt_from_args(args, size)
+    tilt_from_args(args, size, focus_kwargs(args, size))
     lens_from_args(args)
     if args.K is not None:
         check_blur_level(args.K)
@@ -137,8 +136,8 @@ def check_focus_and_blur(args, size: tuple[int, int]) -> None:
 def defocus_from_args(args, disparity: torch.Tensor, metric: bool) -> Defocus:
     """Focal plane and defocus map from the options, by the core's rules (as the Defocus Map node)."""
     size = tuple(disparity.shape[-2:])
-    kwargs = {k: v for k, v in focus_kwargs(args, size).items() if v is not None}
+    kwargs = {k: v for k, v in focus_kwargs(args, size).items() if v is not None}  # a mask file is read once
     focus = resolve_focus(disparity, metric=metric, **kwargs)
     return build_defocus(disparity, focus, K=args.K, lens=lens_from_args(args), metric=metric,
                          in_focus_m=args.in_focus_m, in_focus_fraction=args.in_focus_fraction,
-                         near_scale=args.near_blur, far_scale=args.far_blur, tilt=tilt_from_args(args, size))
+                         near_scale=args.near_blur, far_scale=args.far_blur, tilt=tilt_from_args(args, size, kwargs))

@@ -291,7 +291,8 @@ class GenRefocusPipeline:
         out = self._decode(final, rows, cols, size)
         if bool(in_focus.any()):
             out[in_focus] = image[in_focus].to(out.dtype)
-        if hold_unchanged and B > 1 and settings.rng == "local" and settings.batch_noise == "shared":
+        _, shared_noise = vae_noise
+        if hold_unchanged and B > 1 and shared_noise:
             out = steady_frames.hold_unchanged(out, image.to(out.dtype), defocus.to(out.dtype))
         return out
 
