@@ -389,27 +389,29 @@ def test_a_batch_rendered_frame_by_frame_equals_the_whole_batch(monkeypatch):
 
 @pytest.mark.parametrize("scale", [2, 4, 8])
 def test_coarse_splat_is_the_adjoint_of_bilinear_interpolation(scale):
-    """Coarse levels are splatted densely (entries drawn into a cell-aligned box, reduced cell by cell);
-    the result must be the adjoint of the bilinear interpolation (align_corners=False) that brings the
-    lattice back, over scale^2 (a cell's light is spread over its scale^2 pixels by the interpolation):
-    <splat(v), c> = <v, interpolate(c)> / scale^2 for every lattice field c. fp32 sums of <= 4 * scale^2 terms of values <= 1 per cell: a few ulps (bound 1e-5)."""
-    from genrefocus_core.classical.renderer import _Grid, _LevelRenderer
+    """Coarse levels are splatted densely (the level's pixels drawn into a cell-aligned box, reduced cell
+    by cell); the result must be the adjoint of the bilinear interpolation (align_corners=False) that
+    brings the lattice back, over scale^2 (a cell's light is spread over its scale^2 pixels by the
+    interpolation): <splat(v), c> = <v, interpolate(c)> / scale^2 for every lattice field c. fp32 sums of
+    <= 4 * scale^2 terms of values <= 1 per cell: a few ulps (bound 1e-5)."""
+    from genrefocus_core.classical.renderer import ALPHA_SCALE, _Grid, _LevelPixels, _LevelRenderer
 
     g = torch.Generator().manual_seed(scale)
     H, W, lead = 37, 53, 2 * scale
-    n = 300
-    pix = torch.randperm(H * W, generator=g)[:n].to(torch.int32)
-    y, x = pix // W, pix % W
-    vals = torch.complex(torch.rand(n, 2, generator=g), torch.rand(n, 2, generator=g))
+    lin = torch.rand(1, H, W, 3, generator=g)
+    weight = torch.rand(1, H, W, generator=g) * (torch.rand(1, H, W, generator=g) < 0.15)
+    y0, y1, x0, x1 = 3, 31, 5, 50  # the level's box: not aligned to the cells
     h, w = -(-(H + 2 * lead) // scale) + 1, -(-(W + 2 * lead) // scale) + 1
     grid = _Grid(scale, -lead, -lead, h, w, h + 3, w + 5)
     planes = torch.zeros(1, 2, grid.fft_h, grid.fft_w, dtype=torch.complex64)
-    _LevelRenderer._splat(None, (None, y, x, vals), grid, planes)
+    pixels = _LevelPixels(y0, y1, x0, x1, lin[:, y0:y1, x0:x1], weight[:, y0:y1, x0:x1])
+    _LevelRenderer._splat(pixels, grid, planes)
     # reference: the adjoint of interpolating the lattice (cells at image pixel -lead + scale * i) to the image
     cells = torch.zeros(1, 4, h, w, dtype=torch.float64, requires_grad=True)
     up = torch.nn.functional.interpolate(cells, scale_factor=scale, mode="bilinear", align_corners=False)
     image = torch.zeros(1, 4, h * scale, w * scale, dtype=torch.float64)
-    image[0, :, y + lead, x + lead] = torch.view_as_real(vals).reshape(n, 4).T.double()
+    light = torch.cat([lin * weight[..., None], weight[..., None] * ALPHA_SCALE], dim=-1)[0, y0:y1, x0:x1]
+    image[0, :, y0 + lead:y1 + lead, x0 + lead:x1 + lead] = light.permute(2, 0, 1).double()
     (up * image).sum().backward()
     expected = torch.complex(cells.grad[0, 0::2], cells.grad[0, 1::2]) / scale ** 2
     assert torch.equal(planes[0, :, h:], torch.zeros_like(planes[0, :, h:]))

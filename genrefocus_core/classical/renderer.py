@@ -8,8 +8,9 @@ How it works (one pass per depth level, far to near):
    outline of the mixed point-spread function lies exactly at r (the kernels have linear edge ramps
    as wide as the level spacing; see `apertures.Aperture.ramp_kernel`). So the CoC radius is right to
    a small fraction of a pixel with a few dozen levels, not hundreds.
-2. The (level, pixel, weight) entries are sorted by level once; each level (premultiplied linear
-   colour + coverage, as two complex planes) is drawn from its own entries and convolved with the
+2. Each level (premultiplied linear colour + coverage, as two complex planes) is drawn straight from
+   the frame over the box where its pixels lie (each pixel's two level keys are small integer maps;
+   no sorting), weighted by each pixel's share for the level, and convolved with the
    aperture kernel at its radius: by FFT over the level's box plus the blur margin (one margin serves
    both sides where the light leaves the image), or by shifted sums for kernels of a few taps. Levels
    from 2 * COARSE_RADIUS px on (16 px by default) are rendered on a lattice coarser by a power of two
@@ -321,11 +322,34 @@ class LevelCanvas:
         return (slice(ya, yb), slice(xa, xb)), (slice(ya - self.y0, yb - self.y0), slice(xa - self.x0, xb - self.x0))
 
 
-class _LevelRenderer:
-    """Renders one depth level at a time from a list of the pixels that send light to it.
+@dataclass
+class _LevelPixels:
+    """The pixels that send light to one level: the box of the frame around them (rows y0:y1, columns
+    x0:x1, tight) with the linear colour there and each pixel's weight for this level (0 for the box's
+    pixels of other levels)."""
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    lin: torch.Tensor     # [B,h,w,3], a view of the frame
+    weight: torch.Tensor  # [B,h,w]
 
-    Every pixel sends its light to the two levels that bracket its radius. Those (level, pixel,
-    weight) entries are sorted by level once, so drawing a level touches only its own pixels.
+    def draw(self, dst: torch.Tensor) -> None:
+        """Write the level's light into complex planes dst [B,2,h,w] (every value of it):
+        (R w + i G w, B w + i A w) with A = ALPHA_SCALE."""
+        real, w = torch.view_as_real(dst), self.weight
+        torch.mul(self.lin[..., 0:2], w[..., None], out=real[:, 0])
+        torch.mul(self.lin[..., 2], w, out=real[:, 1, ..., 0])
+        torch.mul(w, ALPHA_SCALE, out=real[:, 1, ..., 1])
+
+
+class _LevelRenderer:
+    """Renders one depth level at a time, drawing it straight from the frame.
+
+    Every pixel sends its light to the two levels that bracket its radius. Each pixel's two level keys
+    (signed level + n) are kept as small integer maps; a level is drawn from the box of the frame where
+    its key occurs (found from each row's and column's range of keys, then tightened), weighting each
+    pixel by its share for that level: dense passes over the box, no sorting or scattering of pixels.
     A full-resolution level is drawn into a zero canvas covering its pixels plus the blur margin; a
     coarse level is bilinearly splatted onto the shared lattice of its scale. Either is convolved with
     the aperture kernel by FFT.
@@ -337,37 +361,21 @@ class _LevelRenderer:
         self.levels, self.aperture, self.flip_front, self.regions = levels, aperture, flip_front, regions
         n = len(levels) - 1
         self.n = n
-        N = B * H * W
-        # keys: signed level + n, or 2n + 1 (sorted last, dropped) for an entry without light
-        small = torch.int16 if 2 * n + 1 < 2 ** 15 else torch.int32
-        sign = sign.flatten().to(small)
-        lo = (level_lo.flatten().to(small) * sign).add_(n)
-        keys = torch.cat([lo, lo + sign])
-        keys[:N].masked_fill_(w_lo.flatten() <= 0, 2 * n + 1)
-        keys[N:].masked_fill_(w_hi.flatten() <= 0, 2 * n + 1)
-        if 2 * n + 1 < 256:
-            keys = keys.to(torch.uint8)  # sorts fastest
-        order = torch.argsort(keys, stable=True)
-        counts = torch.bincount(keys, minlength=2 * n + 2)
-        self.offsets = [0] + torch.cumsum(counts, 0).tolist()
-        order = order[: self.offsets[-2]]
-        # complex-plane values (R w + i G w, B w + i A w), A = ALPHA_SCALE: every pixel's light times its
-        # two weights (entry i of the unsorted list is pixel i mod N), gathered in sorted order as one
-        # 16-byte item per entry; the same for the pixel index
-        light = torch.empty(2, N, 4, dtype=torch.float32, device=lin.device)
-        for half, w in enumerate((w_lo, w_hi)):
-            torch.mul(lin.reshape(N, 3), w.reshape(N, 1), out=light[half, :, :3])
-            torch.mul(w.flatten(), ALPHA_SCALE, out=light[half, :, 3])
-        items = light.view(torch.complex128).view(-1).index_select(0, order)
-        del light
-        self.values = items.view(torch.float32).view(-1, 4).view(torch.complex64)
-        index = torch.arange(N, dtype=torch.int32 if 2 * N < 2 ** 31 else torch.int64, device=lin.device)
-        pix = index.repeat(2).index_select(0, order)
-        del index, order
-        row = pix // W
-        self.x = pix - row * W
-        self.b = row // H if B > 1 else None
-        self.y = row - self.b * H if B > 1 else row
+        self.lin, self.weights = lin, (w_lo, w_hi)
+        # keys: signed level + n of the lower and the upper level, or `skip` where the weight is 0
+        skip = 2 * n + 1
+        key_type = torch.uint8 if skip < 256 else torch.int16
+        lo = level_lo.to(torch.int16).mul_(sign).add_(n)
+        hi = lo + sign
+        self.keys = (lo.masked_fill_(w_lo <= 0, skip).to(key_type), hi.masked_fill_(w_hi <= 0, skip).to(key_type))
+        # each row's and column's range of keys (min, max over both maps, skip left out): a level's pixels
+        # lie in the rows and columns whose range holds its key
+        top = [torch.where(k == skip, torch.zeros((), dtype=key_type, device=k.device), k) for k in self.keys]
+        self.row_range = (torch.minimum(*(k.amin(dim=(0, 2)) for k in self.keys)).cpu(),
+                          torch.maximum(*(k.amax(dim=(0, 2)) for k in top)).cpu())
+        self.col_range = (torch.minimum(*(k.amin(dim=(0, 1)) for k in self.keys)).cpu(),
+                          torch.maximum(*(k.amax(dim=(0, 1)) for k in top)).cpu())
+        del top
         self._kernels = {}
         # image rows and columns (y0, y1, x0, x1) outside which a rendered coarse level has no light or
         # coverage (None: anywhere), filled in as the levels render
@@ -396,87 +404,91 @@ class _LevelRenderer:
         spec = _kernel_spectrum(self.kernel(level, aperture), lh, lw)
         return spec.conj() if flip else spec
 
-    def _entries(self, idx: int, region=None):
-        """(batch, y, x, complex planes' values [E, 2]) of level idx's pixels (in `region`), or None."""
-        a, b = self.offsets[idx + self.n], self.offsets[idx + self.n + 1]
-        if a == b:
+    def _pixels(self, idx: int, region=None) -> _LevelPixels | None:
+        """Level idx's pixels (within `region`, image rows and columns y0, y1, x0, x1), or None."""
+        q = idx + self.n
+
+        def span(low, high, start, stop):
+            hit = ((low[start:stop] <= q) & (high[start:stop] >= q)).nonzero()
+            return (None, None) if hit.numel() == 0 else (start + int(hit[0]), start + int(hit[-1]) + 1)
+
+        y0, y1, x0, x1 = region if region is not None else (0, self.H, 0, self.W)
+        y0, y1 = span(*self.row_range, y0, y1)
+        x0, x1 = span(*self.col_range, x0, x1)
+        if y0 is None or x0 is None:
             return None
-        ent = (None if self.b is None else self.b[a:b], self.y[a:b], self.x[a:b], self.values[a:b])
-        if region is not None:
-            y0, y1, x0, x1 = region
-            y, x = ent[1], ent[2]
-            inside = ((y >= y0) & (y < y1) & (x >= x0) & (x < x1)).nonzero().flatten()
-            if inside.numel() == 0:
-                return None
-            ent = tuple(None if t is None else t.index_select(0, inside) for t in ent)
-        return ent
+        lo, hi = (k[:, y0:y1, x0:x1] == q for k in self.keys)
+        mine = lo | hi
+        rows = mine.any(dim=2).any(dim=0).nonzero()
+        if rows.numel() == 0:
+            return None
+        cols = mine.any(dim=1).any(dim=0).nonzero()
+        ya, yb, xa, xb = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        lo, hi = lo[:, ya:yb, xa:xb], hi[:, ya:yb, xa:xb]
+        y0, y1, x0, x1 = y0 + ya, y0 + yb, x0 + xa, x0 + xb
+        w_lo, w_hi = (w[:, y0:y1, x0:x1] for w in self.weights)
+        weight = torch.where(lo, w_lo, torch.where(hi, w_hi, 0.0))
+        return _LevelPixels(y0, y1, x0, x1, self.lin[:, y0:y1, x0:x1], weight)
 
     def _parts(self, idx: int):
         """[(entries, aperture)] of a level: the whole level, or one part per vignetting region."""
         if not self.regions:
-            ent = self._entries(idx)
-            return [] if ent is None else [(ent, self.aperture)]
+            pix = self._pixels(idx)
+            return [] if pix is None else [(pix, self.aperture)]
         parts = []
         for y0, y1, x0, x1, ap in self.regions:
-            ent = self._entries(idx, (y0, y1, x0, x1))
-            if ent is not None:
-                parts.append((ent, ap))
+            pix = self._pixels(idx, (y0, y1, x0, x1))
+            if pix is not None:
+                parts.append((pix, ap))
         return parts
 
     def render(self, idx: int) -> LevelCanvas | None:
         """A full-resolution level (scale 1) as a canvas, or None if it has no pixels."""
         level = self.levels[abs(idx)]
         if idx == 0:  # in focus: drawn as is
-            ent = self._entries(0)
-            if ent is None:
+            pix = self._pixels(0)
+            if pix is None:
                 return None
-            planes, y0, x0, h, w = self._draw_fine(ent, 0, fft=False)
+            planes, y0, x0, h, w = self._draw_fine(pix, 0, fft=False)
             return LevelCanvas(planes, y0, x0)
         canvases = []
         flip = self.flip_front and idx > 0
-        for ent, ap in self._parts(idx):
+        for pix, ap in self._parts(idx):
             kernel = self.kernel(level, ap)
             p = kernel.shape[-1] // 2
             if int((kernel > 0).sum()) <= DIRECT_TAPS:
-                canvases.append(self._convolve_direct(ent, torch.flip(kernel, dims=(0, 1)) if flip else kernel))
+                canvases.append(self._convolve_direct(pix, torch.flip(kernel, dims=(0, 1)) if flip else kernel))
                 continue
-            planes, y0, x0, h, w = self._draw_fine(ent, p)
+            planes, y0, x0, h, w = self._draw_fine(pix, p)
             spec = torch.fft.fft2(planes, out=planes)  # in place: one frame-sized buffer per level
             spec *= self.spectrum(level, ap, flip, *planes.shape[-2:])
             canvases.append(LevelCanvas(torch.fft.ifft2(spec, out=spec)[..., :h, :w], y0, x0))
         return _sum_canvases(canvases, self.B)
 
-    def _convolve_direct(self, ent, kernel: torch.Tensor) -> LevelCanvas:
+    def _convolve_direct(self, pix: _LevelPixels, kernel: torch.Tensor) -> LevelCanvas:
         """Convolution with a kernel of a few taps as shifted sums: cheaper than two FFTs of the frame."""
         p = kernel.shape[-1] // 2
-        src, y0, x0, bh, bw = self._draw_fine(ent, 0, fft=False)  # the entries' box, no margin
+        src, y0, x0, bh, bw = self._draw_fine(pix, 0, fft=False)  # the entries' box, no margin
         out = torch.zeros(self.B, 2, bh + 2 * p, bw + 2 * p, dtype=src.dtype, device=src.device)
         for dy, dx in (kernel > 0).nonzero().tolist():
             out[:, :, dy:dy + bh, dx:dx + bw].add_(src, alpha=float(kernel[dy, dx]))
         return LevelCanvas(out, y0 - p, x0 - p)
 
-    def _draw_fine(self, ent, margin: int, fft: bool = True):
-        """The entries drawn into a zero grid for a circular convolution with a kernel reaching `margin`
-        px. Only the blur that lands inside the image is kept, so where the entries' box (plus margin)
-        meets an image border, the light leaving the image may wrap around into the grid's far margin:
-        one margin serves both sides there. -> (planes [B,2,gh,gw], image row and column of grid cell
-        (0, 0), height and width of the useful part)."""
-        b, y, x, vals = ent
-
-        def axis(c, size):
-            c0, c1 = int(c.min()), int(c.max()) + 1
+    def _draw_fine(self, pix: _LevelPixels, margin: int, fft: bool = True):
+        """The level's pixels drawn into a zero grid for a circular convolution with a kernel reaching
+        `margin` px. Only the blur that lands inside the image is kept, so where the pixels' box (plus
+        margin) meets an image border, the light leaving the image may wrap around into the grid's far
+        margin: one margin serves both sides there. -> (planes [B,2,gh,gw], image row and column of grid
+        cell (0, 0), height and width of the useful part)."""
+        def axis(c0, c1, size):
             n0, n1 = max(c0 - margin, 0), min(c1 + margin, size)  # the part of the blur we keep
             need = max(c1 - n0, n1 - c0) + margin  # no wrapped light may reach the kept part
             return n0, n1 - n0, (_fast_size(need) if fft else need)
 
-        y0, h, gh = axis(y, self.H)
-        x0, w, gw = axis(x, self.W)
-        planes = torch.zeros(self.B, 2, gh, gw, dtype=vals.dtype, device=vals.device)
-        pos = (y - y0).long() * gw + (x - x0)
-        if b is not None:
-            pos += b.long() * (2 * gh * gw)
-        plane = torch.tensor([0, gh * gw], device=pos.device)
-        planes.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
+        y0, h, gh = axis(pix.y0, pix.y1, self.H)
+        x0, w, gw = axis(pix.x0, pix.x1, self.W)
+        planes = torch.zeros(self.B, 2, gh, gw, dtype=torch.complex64, device=self.device)
+        pix.draw(planes[:, :, pix.y0 - y0:pix.y1 - y0, pix.x0 - x0:pix.x1 - x0])
         return planes, y0, x0, h, w
 
     def render_coarse(self, idx: int) -> torch.Tensor | None:
@@ -489,9 +501,9 @@ class _LevelRenderer:
         self.supports[idx] = None
         lh, lw = grid.fft_h, grid.fft_w
         spec = None
-        for ent, ap in parts:
+        for pix, ap in parts:
             planes = torch.zeros(self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
-            self._splat(ent, grid, planes)
+            self._splat(pix, grid, planes)
             part = torch.fft.fft2(planes, out=planes)
             part *= self.spectrum(level, ap, self.flip_front and idx > 0, lh, lw)
             spec = part if spec is None else spec.add_(part)
@@ -511,42 +523,38 @@ class _LevelRenderer:
         out = {}
         for c0 in range(0, len(order), step):
             chunk = order[c0:c0 + step]
-            a, b = self.offsets[chunk[0] + self.n], self.offsets[chunk[-1] + self.n + 1]
-            if a == b:
+            pixels = [self._pixels(i) for i in chunk]
+            if all(pix is None for pix in pixels):
                 continue
-            counts = [self.offsets[i + self.n + 1] - self.offsets[i + self.n] for i in chunk]
             planes = torch.zeros(len(chunk) * self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
-            for k, i in enumerate(chunk):
-                if counts[k] > 0:
-                    cells = self._splat(self._entries(i), grid, planes[k * self.B:(k + 1) * self.B])
+            for k, (i, pix) in enumerate(zip(chunk, pixels)):
+                if pix is not None:
+                    cells = self._splat(pix, grid, planes[k * self.B:(k + 1) * self.B])
                     self.supports[i] = self._support(cells, grid, self.levels[abs(i)])
             spec = torch.fft.fft2(planes, out=planes).view(len(chunk), self.B, 2, lh, lw)
             for k, i in enumerate(chunk):
                 spec[k] *= self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
             res = torch.fft.ifft2(spec, out=spec)[..., : grid.h, : grid.w]
-            for k, i in enumerate(chunk):
-                if counts[k] > 0:
+            for k, (i, pix) in enumerate(zip(chunk, pixels)):
+                if pix is not None:
                     out[i] = res[k]
         return [out.get(i) for i in indices]
 
-    def _splat(self, ent, grid: _Grid, planes: torch.Tensor) -> tuple[int, int, int, int]:
-        """Bilinear splat of the entries onto the lattice, added into planes [B,2,lh,lw] (the adjoint of
-        bilinear interpolation with align_corners=False, so splat + interpolation keeps each pixel's
-        energy and centroid). The entries are drawn at full resolution into their box, aligned to whole
+    @staticmethod
+    def _splat(pix: _LevelPixels, grid: _Grid, planes: torch.Tensor) -> tuple[int, int, int, int]:
+        """Bilinear splat of the level's pixels onto the lattice, added into planes [B,2,lh,lw] (the adjoint
+        of bilinear interpolation with align_corners=False, so splat + interpolation keeps each pixel's
+        energy and centroid). The pixels are drawn at full resolution into their box, aligned to whole
         cells, and the box is reduced cell by cell with the splat's weights (`_splat_reduce`): dense
-        passes over the box cost far less than scattering every entry into four cells.
+        passes over the box cost far less than scattering every pixel into four cells.
         -> the lattice cells written, (cy0, cy1, cx0, cx1)."""
-        b, y, x, vals = ent
         s = grid.scale
-        by0, by1 = (int(y.min()) - grid.y0) // s, (int(y.max()) - grid.y0) // s + 1  # cells of the box
-        bx0, bx1 = (int(x.min()) - grid.x0) // s, (int(x.max()) - grid.x0) // s + 1
-        hb, wb = (by1 - by0) * s, (bx1 - bx0) * s
-        box = torch.zeros(planes.shape[0], 2, hb, wb, dtype=vals.dtype, device=vals.device)
-        pos = (y - (grid.y0 + by0 * s)).long() * wb + (x - (grid.x0 + bx0 * s))
-        if b is not None:
-            pos += b.long() * (2 * hb * wb)
-        plane = torch.tensor([0, hb * wb], device=pos.device)
-        box.view(-1).index_put_(((pos[:, None] + plane).flatten(),), vals.flatten())
+        by0, by1 = (pix.y0 - grid.y0) // s, (pix.y1 - 1 - grid.y0) // s + 1  # cells of the box
+        bx0, bx1 = (pix.x0 - grid.x0) // s, (pix.x1 - 1 - grid.x0) // s + 1
+        oy, ox = pix.y0 - (grid.y0 + by0 * s), pix.x0 - (grid.x0 + bx0 * s)
+        box = torch.zeros(planes.shape[0], 2, (by1 - by0) * s, (bx1 - bx0) * s, dtype=planes.dtype,
+                          device=planes.device)
+        pix.draw(box[:, :, oy:oy + pix.y1 - pix.y0, ox:ox + pix.x1 - pix.x0])
         planes[:, :, by0 - 1:by1 + 1, bx0 - 1:bx1 + 1] += _splat_reduce(box, s)
         return by0 - 1, by1 + 1, bx0 - 1, bx1 + 1
 
