@@ -368,14 +368,8 @@ class _LevelRenderer:
         lo = level_lo.to(torch.int16).mul_(sign).add_(n)
         hi = lo + sign
         self.keys = (lo.masked_fill_(w_lo <= 0, skip).to(key_type), hi.masked_fill_(w_hi <= 0, skip).to(key_type))
-        # each row's and column's range of keys (min, max over both maps, skip left out): a level's pixels
-        # lie in the rows and columns whose range holds its key
-        top = [torch.where(k == skip, torch.zeros((), dtype=key_type, device=k.device), k) for k in self.keys]
-        self.row_range = (torch.minimum(*(k.amin(dim=(0, 2)) for k in self.keys)).cpu(),
-                          torch.maximum(*(k.amax(dim=(0, 2)) for k in top)).cpu())
-        self.col_range = (torch.minimum(*(k.amin(dim=(0, 1)) for k in self.keys)).cpu(),
-                          torch.maximum(*(k.amax(dim=(0, 1)) for k in top)).cpu())
-        del top
+        # each key's box: the rows and the columns where it occurs (over both maps and the batch)
+        self.boxes = _key_boxes(self.keys, skip)
         self._kernels = {}
         # image rows and columns (y0, y1, x0, x1) outside which a rendered coarse level has no light or
         # coverage (None: anywhere), filled in as the levels render
@@ -406,26 +400,24 @@ class _LevelRenderer:
 
     def _pixels(self, idx: int, region=None) -> _LevelPixels | None:
         """Level idx's pixels (within `region`, image rows and columns y0, y1, x0, x1), or None."""
-        q = idx + self.n
-
-        def span(low, high, start, stop):
-            hit = ((low[start:stop] <= q) & (high[start:stop] >= q)).nonzero()
-            return (None, None) if hit.numel() == 0 else (start + int(hit[0]), start + int(hit[-1]) + 1)
-
-        y0, y1, x0, x1 = region if region is not None else (0, self.H, 0, self.W)
-        y0, y1 = span(*self.row_range, y0, y1)
-        x0, x1 = span(*self.col_range, x0, x1)
-        if y0 is None or x0 is None:
+        box = self.boxes[idx + self.n]
+        if box is None:
             return None
-        lo, hi = (k[:, y0:y1, x0:x1] == q for k in self.keys)
-        mine = lo | hi
-        rows = mine.any(dim=2).any(dim=0).nonzero()
-        if rows.numel() == 0:
-            return None
-        cols = mine.any(dim=1).any(dim=0).nonzero()
-        ya, yb, xa, xb = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        lo, hi = lo[:, ya:yb, xa:xb], hi[:, ya:yb, xa:xb]
-        y0, y1, x0, x1 = y0 + ya, y0 + yb, x0 + xa, x0 + xb
+        y0, y1, x0, x1 = box
+        if region is not None:  # the part of the box in the region, tightened around the pixels there
+            y0, y1, x0, x1 = max(y0, region[0]), min(y1, region[1]), max(x0, region[2]), min(x1, region[3])
+            if y0 >= y1 or x0 >= x1:
+                return None
+        lo, hi = (k[:, y0:y1, x0:x1] == idx + self.n for k in self.keys)
+        if region is not None:
+            mine = (lo | hi).view(torch.uint8)  # max of bytes: many times faster than any() on CPU
+            rows = mine.amax(dim=(0, 2)).nonzero()
+            if rows.numel() == 0:
+                return None
+            cols = mine.amax(dim=(0, 1)).nonzero()
+            ya, yb, xa, xb = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+            lo, hi = lo[:, ya:yb, xa:xb], hi[:, ya:yb, xa:xb]
+            y0, y1, x0, x1 = y0 + ya, y0 + yb, x0 + xa, x0 + xb
         w_lo, w_hi = (w[:, y0:y1, x0:x1] for w in self.weights)
         weight = torch.where(lo, w_lo, torch.where(hi, w_hi, 0.0))
         return _LevelPixels(y0, y1, x0, x1, self.lin[:, y0:y1, x0:x1], weight)
@@ -567,6 +559,24 @@ class _LevelRenderer:
         s = grid.scale
         return (grid.y0 + (cy0 - reach) * s, grid.y0 + (cy1 + reach) * s,
                 grid.x0 + (cx0 - reach) * s, grid.x0 + (cx1 + reach) * s)
+
+
+def _key_boxes(keys, count: int) -> list[tuple[int, int, int, int] | None]:
+    """For each key 0..count-1 of the integer maps `keys` ([B,H,W] each): (y0, y1, x0, x1), the rows and
+    columns where it occurs in any map and frame, or None. One histogram of (key, row) and one of
+    (key, column) per map: a few passes over the maps whatever the number of keys."""
+    B, H, W = keys[0].shape
+    spans = []
+    for size, position in ((H, torch.arange(H, dtype=torch.int32, device=keys[0].device).view(1, H, 1)),
+                           (W, torch.arange(W, dtype=torch.int32, device=keys[0].device).view(1, 1, W))):
+        hits = sum(torch.bincount(k.to(torch.int32).mul_(size).add_(position).flatten(), minlength=(count + 1) * size)
+                   for k in keys)
+        present = hits[: count * size].view(count, size) > 0
+        first = present.to(torch.uint8).argmax(dim=1)
+        last = size - present.flip(1).to(torch.uint8).argmax(dim=1)
+        spans.append((present.any(dim=1).tolist(), first.tolist(), last.tolist()))
+    (found, y0, y1), (_, x0, x1) = spans
+    return [(y0[q], y1[q], x0[q], x1[q]) if found[q] else None for q in range(count)]
 
 
 def _splat_phases(scale: int, device) -> torch.Tensor:
