@@ -511,25 +511,20 @@ class _LevelRenderer:
         lh, lw = grid.fft_h, grid.fft_w
         per_level = self.B * 2 * lh * lw * 8  # a level's planes (transformed in place)
         step = max(1, COARSE_BATCH_BYTES // per_level)
-        order = sorted(indices)
+        order = sorted(i for i in indices if self.boxes[i + self.n] is not None)  # the levels with pixels
         out = {}
         for c0 in range(0, len(order), step):
             chunk = order[c0:c0 + step]
-            pixels = [self._pixels(i) for i in chunk]
-            if all(pix is None for pix in pixels):
-                continue
             planes = torch.zeros(len(chunk) * self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
-            for k, (i, pix) in enumerate(zip(chunk, pixels)):
-                if pix is not None:
-                    cells = self._splat(pix, grid, planes[k * self.B:(k + 1) * self.B])
-                    self.supports[i] = self._support(cells, grid, self.levels[abs(i)])
+            for k, i in enumerate(chunk):
+                cells = self._splat(self._pixels(i), grid, planes[k * self.B:(k + 1) * self.B])
+                self.supports[i] = self._support(cells, grid, self.levels[abs(i)])
             spec = torch.fft.fft2(planes, out=planes).view(len(chunk), self.B, 2, lh, lw)
             for k, i in enumerate(chunk):
                 spec[k] *= self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
             res = torch.fft.ifft2(spec, out=spec)[..., : grid.h, : grid.w]
-            for k, (i, pix) in enumerate(zip(chunk, pixels)):
-                if pix is not None:
-                    out[i] = res[k]
+            for k, i in enumerate(chunk):
+                out[i] = res[k]
         return [out.get(i) for i in indices]
 
     @staticmethod
@@ -655,23 +650,21 @@ def _over(acc: torch.Tensor, pending, level) -> None:
 
 
 def _move(tensors, src: _Grid, dst: _Grid):
-    """Complex planes (or None) and real maps [B,h,w] on lattice src -> the same on lattice dst."""
-    real = []
-    for t in tensors:
-        if t is not None:
-            real.append(_planar(t) if t.is_complex() else t[:, None])
-    up = _upsample(torch.cat(real, dim=1), src, dst) if real else None
-    out, c = [], 0
-    for t in tensors:
-        if t is None:
-            out.append(None)
-        elif t.is_complex():
-            out.append(_from_planar(up[:, c:c + 4]))
+    """Complex planes (or None) and real maps [B,h,w] on lattice src -> the same on lattice dst (a tensor
+    given twice is moved once and comes back twice)."""
+    unique = list({id(t): t for t in tensors if t is not None}.values())
+    if not unique:
+        return list(tensors)
+    up = _upsample(torch.cat([_planar(t) if t.is_complex() else t[:, None] for t in unique], dim=1), src, dst)
+    moved, c = {}, 0
+    for t in unique:
+        if t.is_complex():
+            moved[id(t)] = _from_planar(up[:, c:c + 4])
             c += 4
         else:
-            out.append(up[:, c].contiguous())
+            moved[id(t)] = up[:, c].contiguous()
             c += 1
-    return out
+    return [None if t is None else moved[id(t)] for t in tensors]
 
 
 def _schedule(levels: list[Level]) -> list[tuple[str, object]]:
@@ -736,21 +729,23 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int, workers: int = 1)
     fine = [arg for kind, arg in jobs if kind == "fine"]
     front = [arg for kind, arg in jobs if kind == "coarse" and arg[0] > 0]
     # behind: coarse levels, over-composited from the coarsest lattice to the finest
+    # (None = nothing there yet: empty lattices are neither composited nor moved)
     acc = pending = grid = None
     for run in behind:
         g = engine.grids[levels[-run[0]].scale]
-        if grid is None:
-            acc = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
-        else:
+        if grid is not None:
             acc, pending = _move([acc, pending], grid, g)
         grid = g
         for level in next(rendered):
-            _over(acc, pending, level)
+            if acc is None:
+                acc = pending  # acc = 0 * (1 - coverage) + pending
+            else:
+                _over(acc, pending, level)
             pending = level
-    if grid is None:
-        acc = torch.zeros(B, 2, H, W, dtype=torch.complex64, device=engine.device)
-    else:
+    if grid is not None:
         acc, pending = _move([acc, pending], grid, image)
+    if acc is None:
+        acc = torch.zeros(B, 2, H, W, dtype=torch.complex64, device=engine.device)
     pending = None if pending is None else LevelCanvas(pending, 0, 0)
     # the middle: full-resolution levels
     for _ in fine:
@@ -778,22 +773,24 @@ def _composite(engine: _LevelRenderer, B: int, H: int, W: int, workers: int = 1)
         return acc
     # in front: coarse levels, under-composited from the nearest (coarsest lattice) back.
     # light = sum of level j's light times p_{j+2}, p_m = prod over levels k >= m of (1 - coverage_k)
+    # (None until the nearest level with pixels: light = 0, p1 = p2 = 1 in front of it)
     light = p1 = p2 = grid = None  # p1 = p_{j+1}, p2 = p_{j+2} for the next level j
     for run in front:
         g = engine.grids[levels[run[0]].scale]
-        if grid is None:
-            light = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
-            p1 = torch.ones(B, g.h, g.w, device=engine.device)
-            p2 = p1
-        else:
+        if grid is not None:
             light, p1, p2 = _move([light, p1, p2], grid, g)
         grid = g
         for level in next(rendered):
             if level is None:
                 p2 = p1
                 continue
+            if light is None:
+                light = torch.zeros(B, 2, g.h, g.w, dtype=torch.complex64, device=engine.device)
+                p1 = p2 = torch.ones(B, g.h, g.w, device=engine.device)
             _channels(light).addcmul_(_channels(level), _pairs(p2))
             p1, p2 = p1 * _transmittance(level), p1
+    if light is None:
+        return acc
     # only the window the front levels reach crosses to full resolution: outside it there is no light
     # in front (p1 = p2 = 1, light = 0)
     window = _window([engine.supports.get(i, (0, 0, 0, 0)) for run in front for i in run], H, W)
