@@ -1002,9 +1002,11 @@ def _render_frames(img, radius, levels, aperture, colorspace, highlight_boost, h
     engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front, regions)
     del lin, lo, w_lo, w_hi, sign
     acc = _composite(engine, B, H, W, workers)
-    alpha = acc[:, 1].imag * (1.0 / ALPHA_SCALE)
-    out = torch.stack([acc[:, 0].real, acc[:, 0].imag, acc[:, 1].real], dim=-1)
-    out /= alpha.clamp_min_(1e-6)[..., None]
+    alpha = acc[:, 1].imag.mul(1.0 / ALPHA_SCALE).clamp_min_(1e-6)
+    channels = torch.view_as_real(acc)  # [B,2,H,W,2]: (R, G), (B, A)
+    out = torch.empty(B, H, W, 3, dtype=torch.float32, device=acc.device)
+    torch.div(channels[:, 0], alpha[..., None], out=out[..., 0:2])
+    torch.div(channels[:, 1, ..., 0], alpha, out=out[..., 2])
     out = linear_to_srgb(out, inplace=True) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
     # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
     focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
