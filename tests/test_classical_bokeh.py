@@ -387,6 +387,35 @@ def test_a_batch_rendered_frame_by_frame_equals_the_whole_batch(monkeypatch):
     assert float((whole - frames).abs().max()) < 1e-5
 
 
+def test_a_still_repeated_over_a_focus_pull_is_converted_to_linear_light_once(monkeypatch):
+    """A rack focus from a still renders the same frame at every focus: its linear-light conversion is
+    made once and reused while the frames are equal, and made again for a frame that differs. Each frame
+    is the picture of its own render (same level ladder: every map peaks at the same radius; same
+    operations on the same values: exact)."""
+    from genrefocus_core.classical import renderer
+
+    g = torch.Generator().manual_seed(3)
+    still = torch.rand(1, 36, 52, 3, generator=g)
+    defocus = torch.stack([torch.full((36, 52), 0.0), (torch.rand(36, 52, generator=g) - 0.5) * 30.0,
+                           (torch.rand(36, 52, generator=g) - 0.5) * 50.0])
+    defocus[:, 5, 7] = 30.0
+    alone = [render_bokeh(still, defocus_px=defocus[i:i + 1], max_radius=30.0) for i in range(3)]
+    calls = []
+    convert = renderer.srgb_to_linear
+    monkeypatch.setattr(renderer, "srgb_to_linear", lambda x: calls.append(x.shape[0]) or convert(x))
+    monkeypatch.setattr(renderer, "FRAME_PIXELS_PER_CALL", 1)
+    pulled = render_bokeh(still.expand(3, -1, -1, -1), defocus_px=defocus, max_radius=30.0)
+    assert calls == [1]
+    for i in range(3):
+        assert torch.equal(pulled[i:i + 1], alone[i])
+    calls.clear()
+    clip = still.repeat(3, 1, 1, 1)
+    clip[2, 0, 0] = 1.0 - clip[2, 0, 0]
+    changed = render_bokeh(clip, defocus_px=defocus, max_radius=30.0)
+    assert calls == [1, 1]
+    assert torch.equal(changed[2:], render_bokeh(clip[2:], defocus_px=defocus[2:], max_radius=30.0))
+
+
 @pytest.mark.parametrize("scale", [2, 4, 8])
 def test_coarse_splat_is_the_adjoint_of_bilinear_interpolation(scale):
     """Coarse levels are splatted densely (the level's pixels drawn into a cell-aligned box, reduced cell

@@ -988,14 +988,14 @@ def _vignetting_regions(aperture: Aperture, strength: float, H: int, W: int):
     return regions
 
 
-def _render_frames(img, radius, levels, aperture, colorspace, highlight_boost, highlight_threshold, flip_front,
+def _render_frames(img, lin, radius, levels, aperture, colorspace, highlight_boost, highlight_threshold, flip_front,
                    regions, workers) -> torch.Tensor:
-    """The render of frames img [B,H,W,3] at signed radii [B,H,W] on the given level ladder (no grain)."""
+    """The render of frames img [B,H,W,3] (lin: the same in linear light) at signed radii [B,H,W] on the
+    given level ladder (no grain)."""
     B, H, W, _ = img.shape
     lo, w_lo, w_hi = level_weights(radius.abs(), levels)
     sign = (radius >= 0).to(torch.int8).mul_(2).sub_(1)  # -1 behind the focal plane, +1 in front
 
-    lin = srgb_to_linear(img) if colorspace == "srgb" else img  # [B,H,W,3]
     if highlight_boost > 0:
         lin = lin * highlight_gain(lin, radius, highlight_boost, highlight_threshold)
 
@@ -1091,7 +1091,11 @@ def render_bokeh(image, disparity=None, focus_disparity=None, K: float = 0.0, ap
     step = max(1, FRAME_PIXELS_PER_CALL // (H * W))
     with _intra_op_threads(intra_op):
         out = torch.empty_like(img)
+        linear = None  # (frames, the same in linear light): a still repeated over a focus pull converts once
         for b in range(0, B, step):
-            out[b:b + step] = _render_frames(img[b:b + step], radius[b:b + step], levels, aperture, colorspace,
+            frames = img[b:b + step]
+            if linear is None or linear[0].shape != frames.shape or not torch.equal(linear[0], frames):
+                linear = (frames, srgb_to_linear(frames) if colorspace == "srgb" else frames)
+            out[b:b + step] = _render_frames(frames, linear[1], radius[b:b + step], levels, aperture, colorspace,
                                              highlight_boost, highlight_threshold, flip_front, regions, workers)
         return add_matched_grain(out, img, radius, grain, grain_seed) if grain else out
