@@ -387,6 +387,25 @@ def test_a_batch_rendered_frame_by_frame_equals_the_whole_batch(monkeypatch):
     assert float((whole - frames).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("vignetting", [0.0, 0.6])
+def test_levels_drawn_densely_or_from_pixel_lists_give_the_same_picture(monkeypatch, vignetting):
+    """A level is drawn over its box from the per-pixel level keys, or, when its pixels are scattered
+    (fill < SCATTERED_FILL), from a sorted list of its pixels. Both write the same products into the same
+    grids, so the pictures are identical, for a batch, smooth and jumping depth, and vignetting regions."""
+    from genrefocus_core.classical import renderer
+
+    g = torch.Generator().manual_seed(11)
+    img = torch.rand(2, 48, 64, 3, generator=g)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 48, 64, generator=g), 9, 1, 4)[0]
+    defocus = torch.cat([(smooth - 0.5) * 200.0, (torch.rand(1, 48, 64, generator=g) - 0.5) * 60.0])
+    pictures = []
+    for fill in (0.0, 2.0):  # every level dense, every level from lists
+        monkeypatch.setattr(renderer, "SCATTERED_FILL", fill)
+        pictures.append(render_bokeh(img, defocus_px=defocus, aperture=apertures.polygon(6), vignetting=vignetting))
+    assert torch.equal(pictures[0], pictures[1])
+    assert float((pictures[0] - img).abs().mean()) > 0.01  # blurred
+
+
 def test_a_still_repeated_over_a_focus_pull_is_converted_to_linear_light_once(monkeypatch):
     """A rack focus from a still renders the same frame at every focus: its linear-light conversion is
     made once and reused while the frames are equal, and made again for a frame that differs. Each frame

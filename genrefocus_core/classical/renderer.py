@@ -191,6 +191,8 @@ def _fast_size(n: int) -> int:
 ALPHA_SCALE = 1.0 / 16.0
 # Levels whose kernel has at most this many taps are convolved directly (shifted sums), not by FFT.
 DIRECT_TAPS = 13
+# A level whose pixels fill less than this fraction of their box is drawn from a list of its pixels.
+SCATTERED_FILL = 0.125
 # Coarse levels of one lattice are transformed together, at most this many bytes of transforms at once.
 COARSE_BATCH_BYTES = 96 * 2 ** 20
 _KERNEL_SPECTRA: dict = {}
@@ -325,18 +327,30 @@ class LevelCanvas:
 @dataclass
 class _LevelPixels:
     """The pixels that send light to one level: the box of the frame around them (rows y0:y1, columns
-    x0:x1, tight) with the linear colour there and each pixel's weight for this level (0 for the box's
-    pixels of other levels)."""
+    x0:x1, tight), and either (dense) the linear colour there with each pixel's weight for this level
+    (0 for the box's pixels of other levels), or (scattered) the list of the level's pixels with their
+    light."""
     y0: int
     y1: int
     x0: int
     x1: int
-    lin: torch.Tensor     # [B,h,w,3], a view of the frame
-    weight: torch.Tensor  # [B,h,w]
+    lin: torch.Tensor | None = None     # [B,h,w,3], a view of the frame
+    weight: torch.Tensor | None = None  # [B,h,w]
+    entries: tuple | None = None        # (batch or None, row, column, complex planes' values [E, 2])
 
     def draw(self, dst: torch.Tensor) -> None:
         """Write the level's light into complex planes dst [B,2,h,w] (every value of it):
-        (R w + i G w, B w + i A w) with A = ALPHA_SCALE."""
+        (R w + i G w, B w + i A w) with A = ALPHA_SCALE, 0 where the level has no pixel."""
+        if self.entries is not None:
+            b, y, x, vals = self.entries
+            dst.zero_()
+            y, x = y - self.y0, x - self.x0
+            for plane in range(2):
+                if b is None:  # a single frame
+                    dst[0, plane].index_put_((y, x), vals[:, plane])
+                else:
+                    dst[:, plane].index_put_((b, y, x), vals[:, plane])
+            return
         real, w = torch.view_as_real(dst), self.weight
         torch.mul(self.lin[..., 0:2], w[..., None], out=real[:, 0])
         torch.mul(self.lin[..., 2], w, out=real[:, 1, ..., 0])
@@ -382,7 +396,12 @@ class _LevelRenderer:
         hi = lo + sign
         self.keys = (lo.masked_fill_(w_lo <= 0, skip).to(key_type), hi.masked_fill_(w_hi <= 0, skip).to(key_type))
         # each key's box: the rows and the columns where it occurs (over both maps and the batch)
-        self.boxes = _key_boxes(self.keys, skip)
+        self.boxes, occurrences = _key_boxes(self.keys, skip)
+        # keys whose pixels fill little of their box (depth that jumps from pixel to pixel) are drawn from
+        # lists of their pixels, whose cost follows the pixels rather than the box
+        scattered = [q for q, box in enumerate(self.boxes)
+                     if box is not None and occurrences[q] < SCATTERED_FILL * B * (box[1] - box[0]) * (box[3] - box[2])]
+        self.scattered = _scattered_entries(lin, self.keys, self.weights, scattered, skip) if scattered else {}
         self._kernels = {}
         # image rows and columns (y0, y1, x0, x1) outside which a rendered coarse level has no light or
         # coverage (None: anywhere), filled in as the levels render
@@ -416,6 +435,8 @@ class _LevelRenderer:
         box = self.boxes[idx + self.n]
         if box is None:
             return None
+        if idx + self.n in self.scattered:
+            return self._scattered_pixels(idx + self.n, box, region)
         y0, y1, x0, x1 = box
         if region is not None:  # the part of the box in the region, tightened around the pixels there
             y0, y1, x0, x1 = max(y0, region[0]), min(y1, region[1]), max(x0, region[2]), min(x1, region[3])
@@ -434,6 +455,19 @@ class _LevelRenderer:
         w_lo, w_hi = (w[:, y0:y1, x0:x1] for w in self.weights)
         weight = torch.where(lo, w_lo, torch.where(hi, w_hi, 0.0))
         return _LevelPixels(y0, y1, x0, x1, self.lin[:, y0:y1, x0:x1], weight)
+
+    def _scattered_pixels(self, key: int, box, region) -> _LevelPixels | None:
+        ent = self.scattered[key]
+        if region is None:
+            return _LevelPixels(*box, entries=ent)
+        y0, y1, x0, x1 = region
+        y, x = ent[1], ent[2]
+        inside = ((y >= y0) & (y < y1) & (x >= x0) & (x < x1)).nonzero().flatten()
+        if inside.numel() == 0:
+            return None
+        ent = tuple(None if t is None else t.index_select(0, inside) for t in ent)
+        y, x = ent[1], ent[2]
+        return _LevelPixels(int(y.min()), int(y.max()) + 1, int(x.min()), int(x.max()) + 1, entries=ent)
 
     def _parts(self, idx: int):
         """[(entries, aperture)] of a level: the whole level, or one part per vignetting region."""
@@ -566,22 +600,57 @@ class _LevelRenderer:
                 grid.x0 + (cx0 - reach) * s, grid.x0 + (cx1 + reach) * s)
 
 
-def _key_boxes(keys, count: int) -> list[tuple[int, int, int, int] | None]:
+def _key_boxes(keys, count: int) -> tuple[list[tuple[int, int, int, int] | None], list[int]]:
     """For each key 0..count-1 of the integer maps `keys` ([B,H,W] each): (y0, y1, x0, x1), the rows and
-    columns where it occurs in any map and frame, or None. One histogram of (key, row) and one of
-    (key, column) per map: a few passes over the maps whatever the number of keys."""
+    columns where it occurs in any map and frame, or None; and how often it occurs. One histogram of
+    (key, row) and one of (key, column) per map: a few passes over the maps whatever the number of keys."""
     B, H, W = keys[0].shape
-    spans = []
+    spans, occurrences = [], None
     for size, position in ((H, torch.arange(H, dtype=torch.int32, device=keys[0].device).view(1, H, 1)),
                            (W, torch.arange(W, dtype=torch.int32, device=keys[0].device).view(1, 1, W))):
         hits = sum(torch.bincount(k.to(torch.int32).mul_(size).add_(position).flatten(), minlength=(count + 1) * size)
                    for k in keys)
+        if occurrences is None:
+            occurrences = hits[: count * size].view(count, size).sum(dim=1).tolist()
         present = hits[: count * size].view(count, size) > 0
         first = present.to(torch.uint8).argmax(dim=1)
         last = size - present.flip(1).to(torch.uint8).argmax(dim=1)
         spans.append((present.any(dim=1).tolist(), first.tolist(), last.tolist()))
     (found, y0, y1), (_, x0, x1) = spans
-    return [(y0[q], y1[q], x0[q], x1[q]) if found[q] else None for q in range(count)]
+    return [(y0[q], y1[q], x0[q], x1[q]) if found[q] else None for q in range(count)], occurrences
+
+
+def _scattered_entries(lin, keys, weights, wanted: list[int], count: int) -> dict:
+    """The pixels of the keys `wanted` as lists: {key: (batch or None, row, column, complex planes' values
+    [E, 2])}. The 2N (key, pixel) entries of both maps are sorted by key once (entry i is pixel i mod N,
+    of the lower map for i < N); each wanted key's entries are then a contiguous run, gathered with their
+    light (the same products as a dense drawing)."""
+    B, H, W, _ = lin.shape
+    N = B * H * W
+    flat = torch.cat([k.flatten() for k in keys])
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=count + 1).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    picked = torch.cat([order[starts[q]:starts[q + 1]] for q in wanted])
+    del order, flat
+    pixel = picked.remainder(N)
+    weight = torch.cat([w.flatten() for w in weights]).index_select(0, picked)
+    values = torch.empty(picked.numel(), 4, dtype=torch.float32, device=lin.device)
+    torch.mul(lin.reshape(N, 3).index_select(0, pixel), weight[:, None], out=values[:, :3])
+    torch.mul(weight, ALPHA_SCALE, out=values[:, 3])
+    values = values.view(torch.complex64)  # [E, 2]: (R w + i G w, B w + i A w)
+    row = pixel // W
+    x = pixel - row * W
+    b = row // H if B > 1 else None
+    y = row - b * H if B > 1 else row
+    out, a = {}, 0
+    for q in wanted:
+        e = a + counts[q]
+        out[q] = (None if b is None else b[a:e], y[a:e], x[a:e], values[a:e])
+        a = e
+    return out
 
 
 def _splat_phases(scale: int, device) -> torch.Tensor:
