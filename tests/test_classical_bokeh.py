@@ -387,10 +387,10 @@ def test_a_batch_rendered_frame_by_frame_equals_the_whole_batch(monkeypatch):
     assert float((whole - frames).abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("vignetting", [0.0, 0.6])
-def test_levels_drawn_densely_or_from_pixel_lists_give_the_same_picture(monkeypatch, vignetting):
+@pytest.mark.parametrize("vignetting, picked_without_sort", [(0.0, 0), (0.6, 0), (0.0, 10 ** 6)])
+def test_levels_drawn_densely_or_from_pixel_lists_give_the_same_picture(monkeypatch, vignetting, picked_without_sort):
     """A level is drawn over its box from the per-pixel level keys, or, when its pixels are scattered
-    (fill < SCATTERED_FILL), from a sorted list of its pixels. Both write the same products into the same
+    (fill < SCATTERED_FILL), from a list of its pixels (picked by one sort, or key by key). Both write the same products into the same
     grids, so the pictures are identical, for a batch, smooth and jumping depth, and vignetting regions."""
     from genrefocus_core.classical import renderer
 
@@ -398,6 +398,7 @@ def test_levels_drawn_densely_or_from_pixel_lists_give_the_same_picture(monkeypa
     img = torch.rand(2, 48, 64, 3, generator=g)
     smooth = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 48, 64, generator=g), 9, 1, 4)[0]
     defocus = torch.cat([(smooth - 0.5) * 200.0, (torch.rand(1, 48, 64, generator=g) - 0.5) * 60.0])
+    monkeypatch.setattr(renderer, "SCATTERED_KEYS_WITHOUT_SORT", picked_without_sort)  # lists by sort / by key
     pictures = []
     for fill in (0.0, 2.0):  # every level dense, every level from lists
         monkeypatch.setattr(renderer, "SCATTERED_FILL", fill)

@@ -193,6 +193,8 @@ ALPHA_SCALE = 1.0 / 16.0
 DIRECT_TAPS = 13
 # A level whose pixels fill less than this fraction of their box is drawn from a list of its pixels.
 SCATTERED_FILL = 0.125
+# Up to this many such levels are picked out of the frame by one comparison each, more by one sort.
+SCATTERED_KEYS_WITHOUT_SORT = 8
 # Coarse levels of one lattice are transformed together, at most this many bytes of transforms at once.
 COARSE_BATCH_BYTES = 96 * 2 ** 20
 _KERNEL_SPECTRA: dict = {}
@@ -628,13 +630,19 @@ def _scattered_entries(lin, keys, weights, wanted: list[int], count: int) -> dic
     B, H, W, _ = lin.shape
     N = B * H * W
     flat = torch.cat([k.flatten() for k in keys])
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=count + 1).tolist()
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    picked = torch.cat([order[starts[q]:starts[q + 1]] for q in wanted])
-    del order, flat
+    if len(wanted) <= SCATTERED_KEYS_WITHOUT_SORT:  # a few keys: one comparison pass each beats a sort
+        runs = [(flat == q).nonzero().flatten() for q in wanted]
+        counts = dict(zip(wanted, (r.numel() for r in runs)))
+        picked = torch.cat(runs)
+    else:
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=count + 1).tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        picked = torch.cat([order[starts[q]:starts[q + 1]] for q in wanted])
+        del order
+    del flat
     pixel = picked.remainder(N)
     weight = torch.cat([w.flatten() for w in weights]).index_select(0, picked)
     values = torch.empty(picked.numel(), 4, dtype=torch.float32, device=lin.device)
