@@ -403,7 +403,7 @@ class _LevelRenderer:
         # lists of their pixels, whose cost follows the pixels rather than the box
         scattered = [q for q, box in enumerate(self.boxes)
                      if box is not None and occurrences[q] < SCATTERED_FILL * B * (box[1] - box[0]) * (box[3] - box[2])]
-        self.scattered = _scattered_entries(lin, self.keys, self.weights, scattered, skip) if scattered else {}
+        self.scattered = _scattered_entries(lin, self.keys, self.weights, scattered, occurrences) if scattered else {}
         self._kernels = {}
         # image rows and columns (y0, y1, x0, x1) outside which a rendered coarse level has no light or
         # coverage (None: anywhere), filled in as the levels render
@@ -622,23 +622,21 @@ def _key_boxes(keys, count: int) -> tuple[list[tuple[int, int, int, int] | None]
     return [(y0[q], y1[q], x0[q], x1[q]) if found[q] else None for q in range(count)], occurrences
 
 
-def _scattered_entries(lin, keys, weights, wanted: list[int], count: int) -> dict:
+def _scattered_entries(lin, keys, weights, wanted: list[int], occurrences: list[int]) -> dict:
     """The pixels of the keys `wanted` as lists: {key: (batch or None, row, column, complex planes' values
-    [E, 2])}. The 2N (key, pixel) entries of both maps are sorted by key once (entry i is pixel i mod N,
-    of the lower map for i < N); each wanted key's entries are then a contiguous run, gathered with their
-    light (the same products as a dense drawing)."""
+    [E, 2])}, given how often each key occurs (`_key_boxes`). Entry i of both maps together is pixel
+    i mod N, of the lower map for i < N. A few keys are picked by one comparison each; more by sorting the
+    2N entries by key once, after which each key's entries are a contiguous run. They are gathered with
+    their light (the same products as a dense drawing)."""
     B, H, W, _ = lin.shape
     N = B * H * W
     flat = torch.cat([k.flatten() for k in keys])
     if len(wanted) <= SCATTERED_KEYS_WITHOUT_SORT:  # a few keys: one comparison pass each beats a sort
-        runs = [(flat == q).nonzero().flatten() for q in wanted]
-        counts = dict(zip(wanted, (r.numel() for r in runs)))
-        picked = torch.cat(runs)
+        picked = torch.cat([(flat == q).nonzero().flatten() for q in wanted])
     else:
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=count + 1).tolist()
+        order = torch.argsort(flat, stable=True)  # the keys of absent weights sort last
         starts = [0]
-        for c in counts:
+        for c in occurrences:
             starts.append(starts[-1] + c)
         picked = torch.cat([order[starts[q]:starts[q + 1]] for q in wanted])
         del order
@@ -655,7 +653,7 @@ def _scattered_entries(lin, keys, weights, wanted: list[int], count: int) -> dic
     y = row - b * H if B > 1 else row
     out, a = {}, 0
     for q in wanted:
-        e = a + counts[q]
+        e = a + occurrences[q]
         out[q] = (None if b is None else b[a:e], y[a:e], x[a:e], values[a:e])
         a = e
     return out
