@@ -436,6 +436,34 @@ def test_a_still_repeated_over_a_focus_pull_is_converted_to_linear_light_once(mo
     assert torch.equal(changed[2:], render_bokeh(clip[2:], defocus_px=defocus[2:], max_radius=30.0))
 
 
+@pytest.mark.parametrize("colorspace", ["srgb", "linear"])
+def test_frame_sized_passes_in_bands_of_rows_give_the_same_picture(monkeypatch, colorspace):
+    """Colour conversion, level weights and the output run on bands of rows (no frame-sized temporaries at
+    4K). Bands of a few rows, cutting frames of a batch alike, give the picture of one band and the same
+    level weights: exactly in linear light (correctly rounded operations), within a few float32 ulps of
+    values <= 1 through the sRGB curves (exp2 and log2 round differently in a vector and at its scalar
+    tail, and the bands move the tails)."""
+    from genrefocus_core.classical import renderer
+
+    g = torch.Generator().manual_seed(11)
+    img = torch.rand(2, 37, 61, 3, generator=g)
+    defocus = (torch.rand(2, 37, 61, generator=g) - 0.5) * 40.0
+    defocus[:, 10:20, 10:30] = 0.2  # in focus
+    levels = build_levels(20.0, apertures.polygon(6))
+    whole = render_bokeh(img, defocus_px=defocus, aperture=apertures.polygon(6), colorspace=colorspace)
+    weights = level_weights(defocus, levels)
+    monkeypatch.setattr(renderer, "BAND_PIXELS", 3 * 61)  # one or two rows of the batch at a time
+    assert len(renderer._row_bands(img)) > 30
+    banded = render_bokeh(img, defocus_px=defocus, aperture=apertures.polygon(6), colorspace=colorspace)
+    if colorspace == "linear":
+        assert torch.equal(banded, whole)
+    else:
+        assert float((banded - whole).abs().max()) <= 1e-6
+    for a, b in zip(level_weights(defocus, levels), weights):
+        assert torch.equal(a, b)
+    assert float((linear_to_srgb(srgb_to_linear(img)) - img).abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("scale", [2, 4, 8])
 def test_coarse_splat_is_the_adjoint_of_bilinear_interpolation(scale):
     """Coarse levels are splatted densely (the level's pixels drawn into a cell-aligned box, reduced cell

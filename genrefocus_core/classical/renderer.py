@@ -79,17 +79,46 @@ EXACT_TOLERANCE = 1e-5
 # colour
 
 
+# Frame-sized passes (colour, level weights, the output) run on bands of rows of about this many pixels.
+# At 4K a frame-sized float temporary (33 MB) is beyond glibc's largest heap block (32 MiB), so it is
+# mapped and page-faulted afresh for every operation; band-sized temporaries are reused from the heap.
+BAND_PIXELS = 2 ** 20
+
+
+def _row_bands(x: torch.Tensor) -> list[tuple]:
+    """Indices of x [B,H,W,...] taking bands of its rows of about BAND_PIXELS pixels each (a tensor of
+    fewer dimensions: all of it)."""
+    if x.dim() < 3:
+        return [(Ellipsis,)]
+    B, H, W = x.shape[:3]
+    rows = max(1, BAND_PIXELS // max(B * W, 1))
+    return [(slice(None), slice(y, min(y + rows, H))) for y in range(0, H, rows)]
+
+
 def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
-    # x^2.4 as exp2(2.4 log2 x): within 1e-7 of pow, at half its cost (pow is the dearest pass of a frame)
-    curve = x.clamp_min(0).add_(0.055).div_(1.055).log2_().mul_(2.4).exp2_()
-    return torch.where(x <= 0.04045, x / 12.92, curve, out=curve)
+    """sRGB [B,H,W,C] -> linear light (a new tensor)."""
+    out = torch.empty_like(x)
+    for band in _row_bands(x):
+        src, curve = x[band], out[band]
+        # x^2.4 as exp2(2.4 log2 x): within 1e-7 of pow, at half its cost (pow was the dearest pass)
+        torch.clamp_min(src, 0, out=curve).add_(0.055).div_(1.055).log2_().mul_(2.4).exp2_()
+        torch.where(src <= 0.04045, src / 12.92, curve, out=curve)
+    return out
 
 
 def linear_to_srgb(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """inplace: x may be overwritten (the renderer's own output)."""
-    x = x.clamp_(0.0, 1.0) if inplace else x.clamp(0.0, 1.0)
-    curve = x.clamp_min(1e-12).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
-    return torch.where(x <= 0.0031308, x.mul_(12.92), curve, out=curve)
+    """Linear light [B,H,W,C] -> sRGB in [0, 1]; inplace: into x (the renderer's own output)."""
+    out = x if inplace else torch.empty_like(x)
+    for band in _row_bands(x):
+        _linear_to_srgb_(x[band], out[band])
+    return out
+
+
+def _linear_to_srgb_(x: torch.Tensor, out: torch.Tensor) -> None:
+    """linear_to_srgb of x into out (may be x itself)."""
+    lin = x.clamp(0.0, 1.0)
+    curve = lin.clamp_min(1e-12).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
+    torch.where(lin <= 0.0031308, lin.mul_(12.92), curve, out=out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,33 +162,47 @@ def build_levels(max_radius: float, aperture: Aperture, level_step: float = LEVE
     return levels
 
 
-def level_weights(radius_abs: torch.Tensor, levels: list[Level]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For |r| [B,H,W] -> (lower level index, its weight, upper weight); upper index = lower + 1.
+def level_weights(radius: torch.Tensor, levels: list[Level]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For r [B,H,W] (the sign is ignored) -> (lower level index of |r|, its weight, upper weight); upper
+    index = lower + 1.
 
     Weights split the pixel's light so that the mixed PSF's half-maximum outline sits at |r|: with
     ramp values f1 = clamp(0.5 - (r - r1)/w1), f2 = clamp(0.5 + (r2 - r)/w2) at distance r, the centre
     heights a1, a2 must satisfy a1 (f1 - 0.5) + a2 (f2 - 0.5) = 0; light weights are e_i = a_i * norm_i.
     """
-    dev = radius_abs.device
+    dev = radius.device
     radii = torch.tensor([lv.radius for lv in levels], dtype=torch.float32, device=dev)
     n = len(levels) - 1
-    r = radius_abs.to(torch.float32).clamp(0.0, levels[-1].radius)
-    lo = torch.searchsorted(radii, r.contiguous(), right=True).sub_(1).clamp_(0, max(n - 1, 0))
-    if n == 0:
-        return lo, torch.ones_like(r), torch.zeros_like(r)
-    # per interval (level i, i + 1): r1, 1 / w1, norm1, r2, 1 / w2, norm2; since r1 <= r <= r2 and the
-    # ramps are at least the spacing, a1 = f2 - 0.5 = min((r2 - r) / w2, 0.5), a2 = min((r - r1) / w1, 0.5)
+    lo = torch.empty(radius.shape, dtype=torch.int64, device=dev)
+    w_lo, w_hi = (torch.empty(radius.shape, dtype=torch.float32, device=dev) for _ in range(2))
+    # per interval (level i, i + 1): r1, 1 / w1, norm1, r2, 1 / w2, norm2
     table = torch.tensor([[lv.radius, 1.0 / max(lv.ramp, 1e-6), lv.plateau_norm] for lv in levels], dtype=torch.float32)
     table = torch.cat([table[:-1], table[1:]], dim=1).T.contiguous().to(dev)
-    flat = lo.flatten()
+    for band in _row_bands(radius):
+        _level_weights_into(radius[band], levels, radii, table, lo[band], w_lo[band], w_hi[band])
+    return lo, w_lo, w_hi
+
+
+def _level_weights_into(radius, levels, radii, table, lo, w_lo, w_hi) -> None:
+    n = len(levels) - 1
+    r = radius.to(torch.float32).abs().clamp_(0.0, levels[-1].radius)
+    index = torch.searchsorted(radii, r.contiguous(), right=True).sub_(1).clamp_(0, max(n - 1, 0))
+    lo.copy_(index)
+    if n == 0:
+        w_lo.fill_(1.0)
+        w_hi.zero_()
+        return
+    # since r1 <= r <= r2 and the ramps are at least the spacing,
+    # a1 = f2 - 0.5 = min((r2 - r) / w2, 0.5), a2 = min((r - r1) / w1, 0.5)
+    flat = index.flatten()
     r1, iw1, n1, r2, iw2, n2 = (column.index_select(0, flat).view(r.shape) for column in table)
     e1 = r2.sub_(r).mul_(iw2).clamp_max_(0.5).mul_(n1)
     e2 = torch.sub(r, r1).mul_(iw1).clamp_max_(0.5).mul_(n2)
-    w_hi = e2.div_(e1.add_(e2).clamp_min_(1e-12))
+    hi = e2.div_(e1.add_(e2).clamp_min_(1e-12))
     # between identity (level 0) and radius 1: in focus below 0.5, then a linear blend
     t = r.sub_(IN_FOCUS_RADIUS).div_(levels[1].radius - IN_FOCUS_RADIUS).clamp_(0.0, 1.0)
-    w_hi = torch.where(lo == 0, t, w_hi, out=w_hi)
-    return lo, torch.rsub(w_hi, 1.0), w_hi
+    torch.where(index == 0, t, hi, out=w_hi)
+    torch.sub(1.0, w_hi, out=w_lo)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,6 +262,23 @@ def _dft_columns(n: int, p: int, device) -> torch.Tensor:
             _DFT_TABLES[key] = table
     reach = (table.shape[1] - 1) // 2
     return table[:, reach - p: reach + p + 1]
+
+
+# FFTs run on groups of planes of at most this many bytes. Larger transforms need buffers beyond glibc's
+# largest heap block (32 MiB), which are mapped and page-faulted afresh on every call: a 1120 x 1936 pair
+# of planes took twice as long in one call as plane by plane (same values).
+FFT_GROUP_BYTES = 16 * 2 ** 20
+
+
+def _fft2_(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """2-D FFT (or inverse) of the contiguous complex planes x [..., h, w] in place, a group at a time."""
+    planes = x.view(-1, *x.shape[-2:])
+    per_group = max(1, FFT_GROUP_BYTES // (planes[0].numel() * planes.element_size()))
+    transform = torch.fft.ifft2 if inverse else torch.fft.fft2
+    for i in range(0, planes.shape[0], per_group):
+        group = planes[i:i + per_group]
+        transform(group, out=group)
+    return x
 
 
 def _kernel_spectrum(kernel: torch.Tensor, lh: int, lw: int) -> torch.Tensor:
@@ -501,9 +561,9 @@ class _LevelRenderer:
                 canvases.append(self._convolve_direct(pix, torch.flip(kernel, dims=(0, 1)) if flip else kernel))
                 continue
             planes, y0, x0, h, w = self._draw_fine(pix, p)
-            spec = torch.fft.fft2(planes, out=planes)  # in place: one frame-sized buffer per level
+            spec = _fft2_(planes)  # in place: one frame-sized buffer per level
             spec *= self.spectrum(level, ap, flip, *planes.shape[-2:])
-            canvases.append(LevelCanvas(torch.fft.ifft2(spec, out=spec)[..., :h, :w], y0, x0))
+            canvases.append(LevelCanvas(_fft2_(spec, inverse=True)[..., :h, :w], y0, x0))
         return _sum_canvases(canvases, self.B)
 
     def _convolve_direct(self, pix: _LevelPixels, kernel: torch.Tensor) -> LevelCanvas:
@@ -544,10 +604,10 @@ class _LevelRenderer:
         for pix, ap in parts:
             planes = torch.zeros(self.B, 2, lh, lw, dtype=torch.complex64, device=self.device)
             self._splat(pix, grid, planes)
-            part = torch.fft.fft2(planes, out=planes)
+            part = _fft2_(planes)
             part *= self.spectrum(level, ap, self.flip_front and idx > 0, lh, lw)
             spec = part if spec is None else spec.add_(part)
-        return torch.fft.ifft2(spec, out=spec)[..., : grid.h, : grid.w]
+        return _fft2_(spec, inverse=True)[..., : grid.h, : grid.w]
 
     def render_coarse_run(self, indices: list[int]) -> list[torch.Tensor | None]:
         """`render_coarse` of several levels on one lattice, consecutive in idx: splatted level by level
@@ -567,10 +627,10 @@ class _LevelRenderer:
             for k, i in enumerate(chunk):
                 cells = self._splat(self._pixels(i), grid, planes[k * self.B:(k + 1) * self.B])
                 self.supports[i] = self._support(cells, grid, self.levels[abs(i)])
-            spec = torch.fft.fft2(planes, out=planes).view(len(chunk), self.B, 2, lh, lw)
+            spec = _fft2_(planes).view(len(chunk), self.B, 2, lh, lw)
             for k, i in enumerate(chunk):
                 spec[k] *= self.spectrum(self.levels[abs(i)], self.aperture, self.flip_front and i > 0, lh, lw)
-            res = torch.fft.ifft2(spec, out=spec)[..., : grid.h, : grid.w]
+            res = _fft2_(spec, inverse=True)[..., : grid.h, : grid.w]
             for k, i in enumerate(chunk):
                 out[i] = res[k]
         return [out.get(i) for i in indices]
@@ -1078,7 +1138,7 @@ def _render_frames(img, lin, radius, levels, aperture, colorspace, highlight_boo
     """The render of frames img [B,H,W,3] (lin: the same in linear light) at signed radii [B,H,W] on the
     given level ladder (no grain)."""
     B, H, W, _ = img.shape
-    lo, w_lo, w_hi = level_weights(radius.abs(), levels)
+    lo, w_lo, w_hi = level_weights(radius, levels)
     sign = (radius >= 0).to(torch.int8).mul_(2).sub_(1)  # -1 behind the focal plane, +1 in front
 
     if highlight_boost > 0:
@@ -1087,14 +1147,19 @@ def _render_frames(img, lin, radius, levels, aperture, colorspace, highlight_boo
     engine = _LevelRenderer(lin, lo, w_lo, w_hi, sign, levels, aperture, flip_front, regions)
     del lin, lo, w_lo, w_hi, sign
     acc = _composite(engine, B, H, W, workers)
-    alpha = acc[:, 1].imag.mul(1.0 / ALPHA_SCALE).clamp_min_(1e-6)
     channels = torch.view_as_real(acc)  # [B,2,H,W,2]: (R, G), (B, A)
     out = torch.empty(B, H, W, 3, dtype=torch.float32, device=acc.device)
-    torch.div(channels[:, 0], alpha[..., None], out=out[..., 0:2])
-    torch.div(channels[:, 1, ..., 0], alpha, out=out[..., 2])
-    out = linear_to_srgb(out, inplace=True) if colorspace == "srgb" else out.clamp_(0.0, 1.0)
+    for _, rows in _row_bands(out):
+        part, light = out[:, rows], channels[:, :, rows]
+        alpha = light[:, 1, ..., 1].mul(1.0 / ALPHA_SCALE).clamp_min_(1e-6)
+        torch.div(light[:, 0], alpha[..., None], out=part[..., 0:2])
+        torch.div(light[:, 1, ..., 0], alpha, out=part[..., 2])
+        if colorspace == "srgb":
+            _linear_to_srgb_(part, part)
+        else:
+            part.clamp_(0.0, 1.0)
     # in-focus pixels that no other level's light reaches come back exactly (not up to FFT rounding)
-    focus = (radius.abs() < IN_FOCUS_RADIUS).flatten().nonzero().flatten()
+    focus = ((radius < IN_FOCUS_RADIUS) & (radius > -IN_FOCUS_RADIUS)).flatten().nonzero().flatten()
     if focus.numel():
         flat_out, flat_in = out.view(-1, 3), img.reshape(-1, 3)
         mine, given = flat_out.index_select(0, focus), flat_in.index_select(0, focus)
