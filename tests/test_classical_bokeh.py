@@ -441,8 +441,8 @@ def test_frame_sized_passes_in_bands_of_rows_give_the_same_picture(monkeypatch, 
     """Colour conversion, level weights and the output run on bands of rows (no frame-sized temporaries at
     4K). Bands of a few rows, cutting frames of a batch alike, give the picture of one band and the same
     level weights: exactly in linear light (correctly rounded operations), within a few float32 ulps of
-    values <= 1 through the sRGB curves (exp2 and log2 round differently in a vector and at its scalar
-    tail, and the bands move the tails)."""
+    values <= 1 through the sRGB curves (exp2 rounds differently in a vector and at its scalar tail,
+    and the bands move the tails)."""
     from genrefocus_core.classical import renderer
 
     g = torch.Generator().manual_seed(11)

@@ -107,7 +107,7 @@ def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_to_srgb(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """Linear light [B,H,W,C] -> sRGB in [0, 1]; inplace: into x (the renderer's own output)."""
+    """Linear light [B,H,W,C] -> sRGB in [0, 1]; inplace: into x (x is overwritten)."""
     out = x if inplace else torch.empty_like(x)
     for band in _row_bands(x):
         _linear_to_srgb_(x[band], out[band])
@@ -115,8 +115,8 @@ def linear_to_srgb(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 
 
 def _linear_to_srgb_(x: torch.Tensor, out: torch.Tensor) -> None:
-    """linear_to_srgb of x into out (may be x itself)."""
-    lin = x.clamp(0.0, 1.0)
+    """linear_to_srgb of x into out (may be x itself, which is then clamped in place)."""
+    lin = x.clamp_(0.0, 1.0) if out is x else x.clamp(0.0, 1.0)
     curve = lin.clamp_min(1e-12).log2_().mul_(1 / 2.4).exp2_().mul_(1.055).sub_(0.055)
     torch.where(lin <= 0.0031308, lin.mul_(12.92), curve, out=out)
 
@@ -172,7 +172,6 @@ def level_weights(radius: torch.Tensor, levels: list[Level]) -> tuple[torch.Tens
     """
     dev = radius.device
     radii = torch.tensor([lv.radius for lv in levels], dtype=torch.float32, device=dev)
-    n = len(levels) - 1
     lo = torch.empty(radius.shape, dtype=torch.int64, device=dev)
     w_lo, w_hi = (torch.empty(radius.shape, dtype=torch.float32, device=dev) for _ in range(2))
     # per interval (level i, i + 1): r1, 1 / w1, norm1, r2, 1 / w2, norm2
@@ -186,7 +185,7 @@ def level_weights(radius: torch.Tensor, levels: list[Level]) -> tuple[torch.Tens
 def _level_weights_into(radius, levels, radii, table, lo, w_lo, w_hi) -> None:
     n = len(levels) - 1
     r = radius.to(torch.float32).abs().clamp_(0.0, levels[-1].radius)
-    index = torch.searchsorted(radii, r.contiguous(), right=True).sub_(1).clamp_(0, max(n - 1, 0))
+    index = torch.searchsorted(radii, r, right=True).sub_(1).clamp_(0, max(n - 1, 0))
     lo.copy_(index)
     if n == 0:
         w_lo.fill_(1.0)
@@ -264,9 +263,8 @@ def _dft_columns(n: int, p: int, device) -> torch.Tensor:
     return table[:, reach - p: reach + p + 1]
 
 
-# FFTs run on groups of planes of at most this many bytes. Larger transforms need buffers beyond glibc's
-# largest heap block (32 MiB), which are mapped and page-faulted afresh on every call: a 1120 x 1936 pair
-# of planes took twice as long in one call as plane by plane (same values).
+# FFTs run on groups of planes of at most this many bytes, for the reason of BAND_PIXELS: a 1120 x 1936
+# pair of planes took twice as long in one call as plane by plane (same values).
 FFT_GROUP_BYTES = 16 * 2 ** 20
 
 
